@@ -1,0 +1,220 @@
+"""
+The networks: the seed's ResNet generator and PatchGAN discriminator (same
+state_dict layout, so checkpoints trained with the tutorial's code load here
+unchanged), and the official implementation's ResNet generator so its released
+`latest_net_G.pth` files can be used for translation.
+"""
+import torch
+import torch.nn as nn
+
+
+def weights_init_normal(m):
+    # As the seed and the paper: conv weights N(0, 0.02), biases 0. InstanceNorm
+    # here has no affine parameters, so there is nothing else to initialise.
+    classname = m.__class__.__name__
+    if classname.find("Conv") != -1:
+        nn.init.normal_(m.weight.data, 0.0, 0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.constant_(m.bias.data, 0.0)
+    elif classname.find("BatchNorm2d") != -1:
+        nn.init.normal_(m.weight.data, 1.0, 0.02)
+        nn.init.constant_(m.bias.data, 0.0)
+
+
+# -----------------------------------------------------------------------------
+# The seed's generator (keys model.1, model.4, model.7, model.{10..}.block.{1,5}, ...)
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_features):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(in_features, in_features, 3),
+            nn.InstanceNorm2d(in_features),
+            nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(in_features, in_features, 3),
+            nn.InstanceNorm2d(in_features),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class GeneratorResNet(nn.Module):
+    def __init__(self, input_shape, num_residual_blocks):
+        super().__init__()
+        channels = input_shape[0]
+        # The 7x7 convolutions need a padding of 3 to keep the size. The seed padded
+        # by `channels`, which is 3 only for RGB and breaks grayscale models.
+        model = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(channels, 64, 7),
+            nn.InstanceNorm2d(64),
+            nn.ReLU(inplace=True),
+        ]
+        in_features = 64
+        for _ in range(2):  # downsampling
+            out_features = in_features * 2
+            model += [
+                nn.Conv2d(in_features, out_features, 3, stride=2, padding=1),
+                nn.InstanceNorm2d(out_features),
+                nn.ReLU(inplace=True),
+            ]
+            in_features = out_features
+        model += [ResidualBlock(in_features) for _ in range(num_residual_blocks)]
+        for _ in range(2):  # upsampling: nearest x2 then conv, as the seed
+            out_features = in_features // 2
+            model += [
+                nn.Upsample(scale_factor=2),
+                nn.Conv2d(in_features, out_features, 3, stride=1, padding=1),
+                nn.InstanceNorm2d(out_features),
+                nn.ReLU(inplace=True),
+            ]
+            in_features = out_features
+        model += [nn.ReflectionPad2d(3), nn.Conv2d(in_features, channels, 7), nn.Tanh()]
+        self.model = nn.Sequential(*model)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+# -----------------------------------------------------------------------------
+# The official implementation's generator (junyanz resnet_9blocks / resnet_6blocks
+# with instance norm and no dropout). Keys model.{1,4,7}, model.{10..}.conv_block.{1,5},
+# then the transposed convolutions model.{19,22} and the output conv model.26 for 9 blocks.
+
+class OfficialResnetBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.conv_block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, 3, bias=True),
+            nn.InstanceNorm2d(dim),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, 3, bias=True),
+            nn.InstanceNorm2d(dim),
+        )
+
+    def forward(self, x):
+        return x + self.conv_block(x)
+
+
+class OfficialGenerator(nn.Module):
+    def __init__(self, input_nc=3, output_nc=3, ngf=64, n_blocks=9):
+        super().__init__()
+        model = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(input_nc, ngf, 7, bias=True),
+            nn.InstanceNorm2d(ngf),
+            nn.ReLU(True),
+        ]
+        for i in range(2):
+            mult = 2**i
+            model += [
+                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=True),
+                nn.InstanceNorm2d(ngf * mult * 2),
+                nn.ReLU(True),
+            ]
+        model += [OfficialResnetBlock(ngf * 4) for _ in range(n_blocks)]
+        for i in range(2):
+            mult = 2 ** (2 - i)
+            model += [
+                nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=True),
+                nn.InstanceNorm2d(ngf * mult // 2),
+                nn.ReLU(True),
+            ]
+        model += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
+        self.model = nn.Sequential(*model)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+# -----------------------------------------------------------------------------
+
+class Discriminator(nn.Module):
+    """PatchGAN. The seed's default stacks four stride-2 convolutions, which gives
+    a 94x94 receptive field and an (H/16, W/16) output, although the tutorial calls
+    it 70x70. receptive_field=70 makes the 4th convolution stride 1 and drops the
+    zero padding, which is the paper's 70x70 PatchGAN (30x30 output at 256x256).
+    Both variants have the same state_dict keys and shapes."""
+
+    def __init__(self, input_shape, receptive_field=94):
+        super().__init__()
+        if receptive_field not in (70, 94):
+            raise ValueError(f"receptive_field must be 70 or 94, got {receptive_field}")
+        channels, height, width = input_shape
+        if receptive_field == 94:
+            self.output_shape = (1, height // 2**4, width // 2**4)
+        else:
+            self.output_shape = (1, height // 2**3 - 2, width // 2**3 - 2)
+
+        def discriminator_block(in_filters, out_filters, normalize=True, stride=2):
+            layers = [nn.Conv2d(in_filters, out_filters, 4, stride=stride, padding=1)]
+            if normalize:
+                layers.append(nn.InstanceNorm2d(out_filters))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            return layers
+
+        last_stride = 2 if receptive_field == 94 else 1
+        self.model = nn.Sequential(
+            *discriminator_block(channels, 64, normalize=False),
+            *discriminator_block(64, 128),
+            *discriminator_block(128, 256),
+            *discriminator_block(256, 512, stride=last_stride),
+            # Identity keeps index 12 for the last conv, so both variants share keys.
+            nn.ZeroPad2d((1, 0, 1, 0)) if receptive_field == 94 else nn.Identity(),
+            nn.Conv2d(512, 1, 4, padding=1),
+        )
+
+    def forward(self, img):
+        return self.model(img)
+
+
+# -----------------------------------------------------------------------------
+# Loading a generator from a checkpoint whose architecture is read off its keys.
+
+def generator_config(state_dict):
+    """Return (arch, channels_in, channels_out, n_residual_blocks) for a generator
+    state_dict in the seed's ('seed') or the official ('official') layout."""
+    keys = list(state_dict.keys())
+    if any(".conv_block." in k for k in keys):
+        arch, block = "official", "conv_block"
+    elif any(".block." in k for k in keys):
+        arch, block = "seed", "block"
+    else:
+        raise ValueError("not a CycleGAN ResNet generator state_dict (no residual block keys)")
+    n_blocks = len({k.split(".")[1] for k in keys if f".{block}." in k})
+    first = state_dict["model.1.weight"]
+    last_conv = max((k for k in keys if k.endswith(".weight")), key=lambda k: int(k.split(".")[1]))
+    return arch, first.shape[1], state_dict[last_conv].shape[0], n_blocks
+
+
+def clean_state_dict(state_dict):
+    """Strip what other code wraps around a generator's weights: the 'module.' of
+    DataParallel/DDP, the '_orig_mod.' of torch.compile, and the InstanceNorm
+    running_mean/running_var/num_batches_tracked entries that old official
+    releases carry (their InstanceNorm layers never used them)."""
+    out = {}
+    for k, v in state_dict.items():
+        k = k.removeprefix("module.").replace("_orig_mod.", "")
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue
+        out[k] = v
+    return out
+
+
+def build_generator(state_dict):
+    """A generator of the right architecture with `state_dict` loaded strictly."""
+    state_dict = clean_state_dict(state_dict)
+    arch, c_in, c_out, n_blocks = generator_config(state_dict)
+    if arch == "official":
+        G = OfficialGenerator(c_in, c_out, state_dict["model.1.weight"].shape[0], n_blocks)
+    else:
+        if c_in != c_out:
+            raise ValueError(f"seed-layout generator with {c_in} input and {c_out} output channels")
+        G = GeneratorResNet((c_in, 0, 0), n_blocks)
+    G.load_state_dict(state_dict, strict=True)
+    return G
