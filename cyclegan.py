@@ -95,7 +95,7 @@ def set_requires_grad(nets, flag):
 def gan_loss(pred, target_is_real):
     # LSGAN: least squares against an all-ones or all-zeros patch map of D's output shape
     target = torch.ones_like(pred) if target_is_real else torch.zeros_like(pred)
-    return F.mse_loss(pred.float(), target.float())
+    return F.mse_loss(pred, target)
 
 
 def backward_step(loss, optimizer, scaler):
@@ -132,12 +132,11 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
         same_B, fake_B = G_AB(torch.cat([real_B, real_A])).split(n)
         recov_A = G_BA(fake_B)
         recov_B = G_AB(fake_A)
-        pred_fake_B = D_B(fake_B)
-        pred_fake_A = D_A(fake_A)
-    loss_identity = (F.l1_loss(same_A.float(), real_A) + F.l1_loss(same_B.float(), real_B)) / 2
-    loss_GAN = (gan_loss(pred_fake_B, True) + gan_loss(pred_fake_A, True)) / 2
-    loss_cycle = (F.l1_loss(recov_A.float(), real_A) + F.l1_loss(recov_B.float(), real_B)) / 2
-    loss_G = loss_GAN + lambda_cyc * loss_cycle + lambda_id * loss_identity
+        # (autocast computes the losses in fp32)
+        loss_identity = (F.l1_loss(same_A, real_A) + F.l1_loss(same_B, real_B)) / 2
+        loss_GAN = (gan_loss(D_B(fake_B), True) + gan_loss(D_A(fake_A), True)) / 2
+        loss_cycle = (F.l1_loss(recov_A, real_A) + F.l1_loss(recov_B, real_B)) / 2
+        loss_G = loss_GAN + lambda_cyc * loss_cycle + lambda_id * loss_identity
     backward_step(loss_G, optimizer_G, scaler)
     set_requires_grad((D_A, D_B), True)
 
@@ -148,11 +147,11 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
     losses_D = []
     for D, optimizer_D, real, fake, buffer in ((D_A, optimizer_D_A, real_A, fake_A, fake_A_buffer),
                                                (D_B, optimizer_D_B, real_B, fake_B, fake_B_buffer)):
-        fake_ = buffer.push_and_pop(fake.float())
+        fake_ = buffer.push_and_pop(fake.to(real.dtype))  # the buffer keeps the data's precision
         optimizer_D.zero_grad(set_to_none=True)
         with autocast:
             pred_real, pred_fake = D(torch.cat([real, fake_])).split(n)
-        loss_D = (gan_loss(pred_real, True) + gan_loss(pred_fake, False)) / 2
+            loss_D = (gan_loss(pred_real, True) + gan_loss(pred_fake, False)) / 2
         backward_step(loss_D, optimizer_D, scaler)
         losses_D.append(loss_D)
     if scaler is not None:
@@ -306,6 +305,9 @@ def main(argv=None):
     if opt.decay_epoch >= opt.n_epochs:
         die(f"--decay_epoch ({opt.decay_epoch}) must be smaller than --n_epochs ({opt.n_epochs}): "
             f"the learning rate decays linearly to 0 between them")
+    if min(opt.img_height, opt.img_width) < 32:
+        # the discriminator halves the size four times and InstanceNorm needs > 1 pixel left
+        die(f"--img_height/--img_width must be at least 32, got {opt.img_height}x{opt.img_width}")
     if opt.epoch and resume_state is None and opt.epoch >= opt.n_epochs:
         die(f"--epoch {opt.epoch} is not below --n_epochs {opt.n_epochs}: nothing to train")
     if opt.seed is None:

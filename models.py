@@ -199,7 +199,7 @@ def clean_state_dict(state_dict):
     releases carry (their InstanceNorm layers never used them)."""
     out = {}
     for k, v in state_dict.items():
-        k = k.removeprefix("module.").replace("_orig_mod.", "")
+        k = k.replace("_orig_mod.", "").removeprefix("module.")
         if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
             continue
         out[k] = v

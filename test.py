@@ -57,7 +57,16 @@ def output_names(paths):
     """One PNG name per input, named after it; inputs that share a stem (a.jpg,
     a.png) keep their extension in the name so no output overwrites another."""
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    return [(os.path.basename(p).replace(".", "_") if stems.count(s) > 1 else s) + ".png" for p, s in zip(paths, stems)]
+    names, used = [], set()
+    for p, s in zip(paths, stems):
+        base = os.path.basename(p).replace(".", "_") if stems.count(s) > 1 else s
+        name, k = base, 1
+        while name.lower() in used:  # same file name in two folders (a glob), or a.jpg + a_jpg.png
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name.lower())
+        names.append(name + ".png")
+    return names
 
 
 def to_tensor(img):
@@ -92,6 +101,8 @@ def main(argv=None):
     opt = get_parser().parse_args(argv)
     if (opt.img_height is None) != (opt.img_width is None):
         die("give both --img_height and --img_width to resize, or neither to keep each image's size")
+    if opt.img_height is not None and min(opt.img_height, opt.img_width) < 1:
+        die(f"--img_height {opt.img_height} --img_width {opt.img_width}: both must be at least 1")
     if opt.device == "cuda" and not torch.cuda.is_available():
         die("--device cuda: no CUDA device is available; use --device cpu")
     device = torch.device("cuda" if opt.device == "cuda" or (opt.device == "auto" and torch.cuda.is_available()) else "cpu")
