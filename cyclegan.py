@@ -391,6 +391,10 @@ def main(argv=None):
     step_nets = tuple(torch.compile(net) for net in nets.values()) if opt.compile else tuple(nets.values())
 
     def save_last(epoch, batch):
+        if not all_finite(nets.values()):  # never replace a good last.pt with broken weights
+            log.close()
+            die(f"the weights became non-finite before epoch {epoch}, batch {batch}; not saving them "
+                f"(the last good state is {model_dir}/last.pt). Try a lower --lr or --amp none")
         state = {"args": vars(opt), "epoch": epoch, "batch": batch, "rng": rng_state(),
                  "fake_A_buffer": fake_A_buffer.state_dict(), "fake_B_buffer": fake_B_buffer.state_dict()}
         state.update({name: net.state_dict() for name, net in nets.items()})
