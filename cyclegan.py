@@ -20,7 +20,9 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
@@ -54,6 +56,7 @@ def get_parser():
     p.add_argument("--n_residual_blocks", type=int, default=9, help="number of residual blocks in generator")
     p.add_argument("--lambda_cyc", type=float, default=10.0, help="cycle loss weight")
     p.add_argument("--lambda_id", type=float, default=5.0, help="identity loss weight")
+    p.add_argument("--pool_size", type=int, default=50, help="size of the fake image replay buffers; 0 disables them")
     # additions
     p.add_argument("--data_root", type=str, default=None, help="dataset folder (default: data/<dataset_name>)")
     p.add_argument("--d_receptive_field", type=int, default=94, choices=(94, 70),
@@ -123,7 +126,9 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
     #  Train Generators
     # ------------------
     # The discriminators only grade the fakes here; their gradients would be thrown away.
+    # (Under DDP the bare modules are called, so DDP expects no gradients from them.)
     set_requires_grad((D_A, D_B), False)
+    grade_A, grade_B = getattr(D_A, "module", D_A), getattr(D_B, "module", D_B)
     optimizer_G.zero_grad(set_to_none=True)
     with autocast:
         # InstanceNorm normalises every image on its own, so one call on a stacked batch
@@ -134,7 +139,7 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
         recov_B = G_AB(fake_A)
         # (autocast computes the losses in fp32)
         loss_identity = (F.l1_loss(same_A, real_A) + F.l1_loss(same_B, real_B)) / 2
-        loss_GAN = (gan_loss(D_B(fake_B), True) + gan_loss(D_A(fake_A), True)) / 2
+        loss_GAN = (gan_loss(grade_B(fake_B), True) + gan_loss(grade_A(fake_A), True)) / 2
         loss_cycle = (F.l1_loss(recov_A, real_A) + F.l1_loss(recov_B, real_B)) / 2
         loss_G = loss_GAN + lambda_cyc * loss_cycle + lambda_id * loss_identity
     backward_step(loss_G, optimizer_G, scaler)
@@ -324,6 +329,18 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type) if opt.amp == "fp16" else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+    # ---- distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; each process trains on
+    # its own shard of every epoch with its own replay buffers, and DDP averages the gradients.
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = 0, 1
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    master = rank == 0  # only rank 0 writes samples, logs and checkpoints
     random.seed(opt.seed)
     np.random.seed(opt.seed % 2**32)
     torch.manual_seed(opt.seed)
@@ -339,7 +356,7 @@ def main(argv=None):
         die(str(e))
     if opt.verify_data:
         verify_images(dataset.files_A + dataset.files_B, opt.channels)
-    sampler = UnpairedSampler(dataset, seed=opt.seed)
+    sampler = UnpairedSampler(dataset, seed=opt.seed, num_replicas=world_size, rank=rank)
     n_workers = min(opt.n_cpu, os.cpu_count() or 1)
     dataloader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, num_workers=n_workers,
                             pin_memory=device.type == "cuda", persistent_workers=n_workers > 0)
@@ -370,8 +387,8 @@ def main(argv=None):
     optimizers = {"optimizer_G": optimizer_G, "optimizer_D_A": optimizer_D_A, "optimizer_D_B": optimizer_D_B}
     lr_lambda = LambdaLR(opt.n_epochs, opt.epoch, opt.decay_epoch).step
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda=lr_lambda) for k, o in optimizers.items()}
-    fake_A_buffer = ReplayBuffer(seed=opt.seed)
-    fake_B_buffer = ReplayBuffer(seed=opt.seed + 1)
+    fake_A_buffer = ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * rank)
+    fake_B_buffer = ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * rank + 1)
 
     start_epoch, start_batch = opt.epoch, 0
     if resume_state is not None:
@@ -381,22 +398,35 @@ def main(argv=None):
             o.load_state_dict(resume_state[name])
         for name, s in schedulers.items():
             s.load_state_dict(resume_state["scheduler_" + name])
-        fake_A_buffer.load_state_dict(resume_state["fake_A_buffer"], device)
-        fake_B_buffer.load_state_dict(resume_state["fake_B_buffer"], device)
-        set_rng_state(resume_state["rng"])
+        buffers = resume_state["replay_buffers"]  # one (A, B) pair per process of the saved run
         start_epoch, start_batch = resume_state["epoch"], resume_state["batch"]
-        print(f"resuming from {opt.resume if opt.resume != 'auto' else os.path.join(model_dir, 'last.pt')}: "
+        if len(buffers) != world_size and start_batch != 0:
+            die(f"--resume: last.pt was saved mid-epoch by {len(buffers)} process(es), and this run has {world_size}; "
+                f"the rest of that epoch cannot be split the same way. Resume with {len(buffers)} process(es), "
+                f"or from a last.pt saved at the end of an epoch")
+        fake_A_buffer.load_state_dict(buffers[rank % len(buffers)][0], device)
+        fake_B_buffer.load_state_dict(buffers[rank % len(buffers)][1], device)
+        set_rng_state(resume_state["rng"])
+        if master:
+            print(f"resuming from {opt.resume if opt.resume != 'auto' else os.path.join(model_dir, 'last.pt')}: "
               f"epoch {start_epoch}, batch {start_batch}")
 
     step_nets = tuple(torch.compile(net) for net in nets.values()) if opt.compile else tuple(nets.values())
+    if ddp:
+        step_nets = tuple(DDP(net, device_ids=[device.index] if device.type == "cuda" else None) for net in step_nets)
 
     def save_last(epoch, batch):
+        buffers = [(fake_A_buffer.state_dict(), fake_B_buffer.state_dict())]
+        if ddp:  # every process's replay buffers, so a resume continues each of them
+            buffers = [None] * world_size
+            dist.all_gather_object(buffers, (fake_A_buffer.state_dict(), fake_B_buffer.state_dict()))
+        if not master:
+            return
         if not all_finite(nets.values()):  # never replace a good last.pt with broken weights
             log.close()
             die(f"the weights became non-finite before epoch {epoch}, batch {batch}; not saving them "
                 f"(the last good state is {model_dir}/last.pt). Try a lower --lr or --amp none")
-        state = {"args": vars(opt), "epoch": epoch, "batch": batch, "rng": rng_state(),
-                 "fake_A_buffer": fake_A_buffer.state_dict(), "fake_B_buffer": fake_B_buffer.state_dict()}
+        state = {"args": vars(opt), "epoch": epoch, "batch": batch, "rng": rng_state(), "replay_buffers": buffers}
         state.update({name: net.state_dict() for name, net in nets.items()})
         state.update({name: o.state_dict() for name, o in optimizers.items()})
         state.update({"scheduler_" + name: s.state_dict() for name, s in schedulers.items()})
@@ -409,18 +439,34 @@ def main(argv=None):
         if stop["signal"] is not None:  # a second Ctrl-C: the user really wants out
             raise KeyboardInterrupt
         stop["signal"] = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this batch and saving {model_dir}/last.pt ...",
+        if master:
+            print(f"\n{signal.Signals(signum).name} received: finishing this batch and saving {model_dir}/last.pt ...",
               file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    def stop_requested():
+        # Under DDP every process must stop after the same batch, or the others would wait
+        # forever in the next gradient all-reduce: agree on the flag (a tiny all-reduce).
+        if not ddp:
+            return stop["signal"] is not None
+        flag = torch.tensor([0 if stop["signal"] is None else stop["signal"]], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop["signal"] = int(flag.item()) or None
+        return stop["signal"] is not None
+
     n_batches = len(dataloader)
-    log = ProgressLog(os.path.join(model_dir, "log.csv"), opt.n_epochs * n_batches, start_epoch * n_batches + start_batch, opt.log_interval)
-    print(f"training on {device} ({opt.amp if amp_dtype else 'fp32'}): {len(dataset.files_A)} A / {len(dataset.files_B)} B images, "
-          f"{n_batches} batches per epoch, epochs {start_epoch}..{opt.n_epochs - 1}, seed {opt.seed}")
+    log = None
+    if master:
+        log = ProgressLog(os.path.join(model_dir, "log.csv"), opt.n_epochs * n_batches, start_epoch * n_batches + start_batch, opt.log_interval)
+        print(f"training on {device} ({opt.amp if amp_dtype else 'fp32'}) x {world_size} process(es): {len(dataset.files_A)} A / "
+              f"{len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} per epoch and process, "
+              f"epochs {start_epoch}..{opt.n_epochs - 1}, seed {opt.seed}")
 
     def check_finite():
+        if log is None:
+            return
         bad = log.flush()
         if bad is not None:
             log.close()
@@ -430,6 +476,8 @@ def main(argv=None):
     def interrupted(epoch, batch):
         check_finite()
         save_last(epoch, batch)
+        if not master:
+            sys.exit(128 + stop["signal"])
         log.close()
         print(f"saved {model_dir}/last.pt at epoch {epoch}, batch {batch}; continue with: "
               f"python cyclegan.py --dataset_name {opt.dataset_name} --resume", file=sys.stderr)
@@ -444,7 +492,7 @@ def main(argv=None):
         sampler.set_start(first * opt.batch_size)
         lr = optimizer_G.param_groups[0]["lr"]
         for i, batch in enumerate(dataloader, start=first):
-            if stop["signal"] is not None:
+            if stop_requested():
                 interrupted(epoch, i)
             if any(batch["bad"]):
                 dataset_bad_files(batch["bad"], dataset)
@@ -453,25 +501,29 @@ def main(argv=None):
             losses = train_step(real_A, real_B, step_nets, tuple(optimizers.values()), (fake_A_buffer, fake_B_buffer),
                                 opt.lambda_cyc, opt.lambda_id, autocast, scaler)
             batches_done = epoch * n_batches + i
-            log.add(epoch, i, batches_done, losses, lr)
-            if batches_done % opt.sample_interval == 0:
+            if master:
+                log.add(epoch, i, batches_done, losses, lr)
+            if master and batches_done % opt.sample_interval == 0:
                 sample_images(f"images/{opt.dataset_name}/{batches_done}.png", real_A_fixed, real_B_fixed, G_AB, G_BA, autocast)
             if opt.save_latest_interval > 0 and (batches_done + 1) % opt.save_latest_interval == 0:
                 check_finite()
                 save_last(epoch, i + 1)
-            if stop["signal"] is not None:
+            if stop_requested():
                 interrupted(epoch, i + 1)
         for s in schedulers.values():
             s.step()
         check_finite()
         # Weights are named by the number of epochs done, so --epoch N resumes after them.
         done = epoch + 1
-        if done == opt.n_epochs or (opt.checkpoint_interval > 0 and done % opt.checkpoint_interval == 0):
+        if master and (done == opt.n_epochs or (opt.checkpoint_interval > 0 and done % opt.checkpoint_interval == 0)):
             for name, net in nets.items():
                 save_atomic(net.state_dict(), os.path.join(model_dir, f"{name}_{done}.pth"))
         save_last(done, 0)
-    log.close()
-    print(f"done: weights in {model_dir}/, samples in images/{opt.dataset_name}/")
+    if ddp:
+        dist.destroy_process_group()
+    if master:
+        log.close()
+        print(f"done: weights in {model_dir}/, samples in images/{opt.dataset_name}/")
 
 
 def fixed_samples(data_root, opt, device, n=5):

@@ -21,13 +21,15 @@ class ReplayBuffer:
     generator so that its draws can be saved and resumed exactly."""
 
     def __init__(self, max_size=50, seed=None):
-        if max_size <= 0:
-            raise ValueError(f"ReplayBuffer max_size must be > 0, got {max_size}")
-        self.max_size = max_size
+        if max_size < 0:
+            raise ValueError(f"ReplayBuffer max_size must be >= 0, got {max_size}")
+        self.max_size = max_size  # 0: no buffer, the newest fakes pass straight through
         self.data = []
         self.rng = random.Random(seed)
 
     def push_and_pop(self, data):
+        if self.max_size == 0:
+            return data.detach()
         to_return = []
         for element in data.detach():
             element = element.unsqueeze(0)

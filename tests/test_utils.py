@@ -86,9 +86,15 @@ def test_replay_buffer_batch_of_four_returns_four_and_never_exceeds_max_size(max
         assert len(buf.data) == min(max_size, 4 * (step + 1))
 
 
-def test_replay_buffer_rejects_nonpositive_size():
+def test_replay_buffer_rejects_negative_size_and_size_zero_passes_fakes_through():
     with pytest.raises(ValueError):
-        ReplayBuffer(max_size=0)
+        ReplayBuffer(max_size=-1)
+    buf = ReplayBuffer(max_size=0, seed=0)
+    for _ in range(3):
+        x = torch.randn(2, 3, 4, 4, requires_grad=True)
+        out = buf.push_and_pop(x)
+        assert torch.equal(out, x) and not out.requires_grad
+    assert buf.data == []
 
 
 def test_replay_buffer_state_dict_round_trip_continues_bitwise_identically(tmp_path):
