@@ -1,0 +1,172 @@
+"""DistributedDataParallel on CPU with the gloo backend: 2 processes on 2 cores, tiny images."""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cyclegan import train_step
+from models import Discriminator, GeneratorResNet, weights_init_normal
+from utils import ReplayBuffer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def torchrun(cwd, nproc, *args, timeout=300, popen=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def make_data(root, n=6, size=36):
+    rng = np.random.default_rng(0)
+    for d in ("trainA", "trainB", "testA", "testB"):
+        os.makedirs(root / d)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / d / f"{i}.png")
+
+
+def make_nets():
+    torch.manual_seed(0)
+    nets = [GeneratorResNet((3, 32, 32), 1), GeneratorResNet((3, 32, 32), 1), Discriminator((3, 32, 32)), Discriminator((3, 32, 32))]
+    for n in nets:
+        n.apply(weights_init_normal)
+        n.double()
+    return nets
+
+
+def make_opts(nets):
+    adam = dict(lr=2e-4, betas=(0.5, 0.999))
+    return (torch.optim.Adam(list(nets[0].parameters()) + list(nets[1].parameters()), **adam),
+            torch.optim.Adam(nets[2].parameters(), **adam), torch.optim.Adam(nets[3].parameters(), **adam))
+
+
+WORKER = r'''
+import os, sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from test_ddp import make_nets, make_opts
+from cyclegan import train_step
+from datasets import ImageDataset, UnpairedSampler, train_transforms
+from utils import ReplayBuffer
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+nets = make_nets()
+ddp_nets = [DDP(n) for n in nets]
+opts = make_opts(nets)
+dataset = ImageDataset({data!r}, train_transforms(32, 32), unaligned=True)
+sampler = UnpairedSampler(dataset, seed=0, num_replicas=world, rank=rank)
+loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler)
+batches, indices = [], list(sampler)
+for batch in loader:  # 6 images over 2 processes: 3 steps
+    real_A, real_B = batch["A"].double(), batch["B"].double()
+    batches.append((real_A, real_B))
+    train_step(real_A, real_B, ddp_nets, opts, (ReplayBuffer(0), ReplayBuffer(0)))
+torch.save({{"params": [[p.detach() for p in n.parameters()] for n in nets], "batches": batches, "indices": indices}},
+           f"rank{{rank}}.pt")
+dist.destroy_process_group()
+'''
+
+
+def test_two_processes_stay_identical_and_equal_one_process_with_double_batch(tmp_path):
+    """DDP averages the gradients of both generators (each called twice per step) and
+    both discriminators: after 3 steps both ranks hold bitwise the same weights, each
+    saw its own samples, and with the replay buffers off, 2 processes x batch 1 give
+    the weights of 1 process x batch 2 on the same samples (float64)."""
+    make_data(tmp_path / "data")
+    (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), data=str(tmp_path / "data")))
+    r = torchrun(tmp_path, 2, "worker.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rank0, rank1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    for a, b in zip(rank0["params"], rank1["params"]):
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+    # each rank saw different samples: disjoint A indices covering the epoch
+    a0, a1 = {t[0] for t in rank0["indices"]}, {t[0] for t in rank1["indices"]}
+    assert not a0 & a1 and a0 | a1 == set(range(6))
+    # one process, batch 2 = the two ranks' batches stacked
+    nets = make_nets()
+    opts = make_opts(nets)
+    for (A0, B0), (A1, B1) in zip(rank0["batches"], rank1["batches"]):
+        assert not torch.equal(A0, A1)
+        train_step(torch.cat([A0, A1]), torch.cat([B0, B1]), nets, opts, (ReplayBuffer(0), ReplayBuffer(0)))
+    for net, params in zip(nets, rank0["params"]):
+        for p, q in zip(net.parameters(), params):
+            torch.testing.assert_close(q, p.detach(), rtol=1e-7, atol=1e-9)  # a step is ~2e-4
+
+
+TINY = ["--dataset_name", "tiny", "--data_root", "data", "--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1",
+        "--n_cpu", "0", "--seed", "0", "--log_interval", "1", "--n_epochs", "2", "--decay_epoch", "1", "--sample_interval", "2"]
+
+
+def test_torchrun_cli_trains_and_only_rank_zero_writes(tmp_path):
+    make_data(tmp_path / "data")
+    r = torchrun(tmp_path, 2, os.path.join(ROOT, "cyclegan.py"), *TINY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("done: weights in") == 1 and "x 2 process(es)" in r.stdout
+    models = tmp_path / "saved_models" / "tiny"
+    assert sorted(os.listdir(models)) == ["D_A_2.pth", "D_B_2.pth", "G_AB_2.pth", "G_BA_2.pth", "last.pt", "log.csv"]
+    rows = list(csv.DictReader(open(models / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == list(range(6))  # 3 batches per epoch and process, logged once
+    assert sorted(os.listdir(tmp_path / "images" / "tiny"), key=lambda f: int(f[:-4])) == ["0.png", "2.png", "4.png"]
+    state = torch.load(models / "last.pt", weights_only=True)
+    assert len(state["replay_buffers"]) == 2  # each process's own buffers
+    assert not torch.equal(state["replay_buffers"][0][0]["data"][0], state["replay_buffers"][1][0]["data"][0])
+
+
+def test_torchrun_sigterm_then_resume_is_bitwise_identical_and_process_count_may_change_at_epoch_end(tmp_path):
+    make_data(tmp_path / "data")
+    # the uninterrupted run
+    ref = tmp_path / "ref"
+    shutil.copytree(tmp_path / "data", ref / "data")
+    assert torchrun(ref, 2, os.path.join(ROOT, "cyclegan.py"), *TINY).returncode == 0
+    # the same run, stopped with SIGTERM after its 2nd batch, then resumed
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "data", run / "data")
+    p = torchrun(run, 2, os.path.join(ROOT, "cyclegan.py"), *TINY, "--save_latest_interval", "0", popen=True)
+    log = run / "saved_models" / "tiny" / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert "--resume" in out, out
+    state = torch.load(run / "saved_models" / "tiny" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["batch"]) < (2, 0), "the run finished before the signal; nothing was tested"
+    r = torchrun(run, 2, os.path.join(ROOT, "cyclegan.py"), "--dataset_name", "tiny", "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    a = torch.load(ref / "saved_models" / "tiny" / "last.pt", weights_only=True)
+    b = torch.load(run / "saved_models" / "tiny" / "last.pt", weights_only=True)
+    for name in ("G_AB", "G_BA", "D_A", "D_B"):
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), (name, k)
+    for k, v in a["optimizer_G"]["state"].items():
+        assert torch.equal(v["exp_avg"], b["optimizer_G"]["state"][k]["exp_avg"])
+
+    # a last.pt saved at the end of an epoch by 2 processes continues in 1; mid-epoch it is refused
+    one = tmp_path / "one"
+    shutil.copytree(tmp_path / "data", one / "data")
+    os.makedirs(one / "saved_models" / "tiny")
+    state = torch.load(ref / "saved_models" / "tiny" / "last.pt", weights_only=True)
+    state["epoch"], state["args"]["n_epochs"], state["args"]["decay_epoch"] = 1, 2, 1
+    torch.save(state, one / "saved_models" / "tiny" / "last.pt")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "cyclegan.py"), "--dataset_name", "tiny", "--resume"], cwd=one,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    state["batch"] = 1
+    torch.save(state, one / "saved_models" / "tiny" / "last.pt")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "cyclegan.py"), "--dataset_name", "tiny", "--resume"], cwd=one,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "saved mid-epoch by 2 process(es)" in r.stderr and "Traceback" not in r.stderr
