@@ -223,6 +223,7 @@ class ProgressLog:
         self.total, self.start_done, self.log_interval = total, done, log_interval
         self.tty = sys.stdout.isatty()
         self.pending = []
+        self.bad = None  # (iteration, loss name) of the first non-finite loss written
         self.t0 = None
         new = not os.path.exists(csv_path)
         os.makedirs(os.path.dirname(csv_path), exist_ok=True)
@@ -240,17 +241,17 @@ class ProgressLog:
             self.flush()
 
     def flush(self):
-        """Write pending rows; return (iteration, loss name) of the first non-finite loss, or None."""
+        """Write pending rows; return (iteration, loss name) of the first non-finite loss written
+        so far (also by an earlier flush, such as the one add() makes every log_interval), or None."""
         if not self.pending:
-            return None
+            return self.bad
         values = torch.stack([p[4] for p in self.pending]).float().cpu().tolist()
         names = self.header[3:10]
         now = time.time()
-        bad = None
         for (epoch, batch, iteration, lr, _), v in zip(self.pending, values):
             self.csv.writerow([epoch, batch, iteration, *[f"{x:.6g}" for x in v], f"{lr:.6g}", f"{now:.3f}"])
-            if bad is None and not all(math.isfinite(x) for x in v):
-                bad = (iteration, names[next(i for i, x in enumerate(v) if not math.isfinite(x))])
+            if self.bad is None and not all(math.isfinite(x) for x in v):
+                self.bad = (iteration, names[next(i for i, x in enumerate(v) if not math.isfinite(x))])
         self.file.flush()
         epoch, batch, iteration = self.pending[-1][:3]
         self.pending = []
@@ -266,7 +267,7 @@ class ProgressLog:
             print("\r" + line, end="", flush=True)
         else:
             print(line, flush=True)
-        return bad
+        return self.bad
 
     def close(self):
         if self.tty:
@@ -358,8 +359,11 @@ def main(argv=None):
         verify_images(dataset.files_A + dataset.files_B, opt.channels)
     sampler = UnpairedSampler(dataset, seed=opt.seed, num_replicas=world_size, rank=rank)
     n_workers = min(opt.n_cpu, os.cpu_count() or 1)
+    # (its own generator: the base seed it draws for every new iterator must not advance the
+    # global RNG, whose state last.pt saves, differently in a resumed and an uninterrupted run)
     dataloader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, num_workers=n_workers,
-                            pin_memory=device.type == "cuda", persistent_workers=n_workers > 0)
+                            pin_memory=device.type == "cuda", persistent_workers=n_workers > 0,
+                            generator=torch.Generator().manual_seed(opt.seed))
     real_A_fixed, real_B_fixed = fixed_samples(data_root, opt, device)
 
     # ---- models and optimisation
@@ -415,6 +419,14 @@ def main(argv=None):
     if ddp:
         step_nets = tuple(DDP(net, device_ids=[device.index] if device.type == "cuda" else None) for net in step_nets)
 
+    def check_weights(epoch, batch):
+        broken = [name for name, net in nets.items() if not all_finite([net])]
+        if broken:
+            log.close()
+            die(f"the weights of {', '.join(broken)} became non-finite by iteration {epoch * n_batches + batch - 1}; "
+                f"not saving them (the last good state is {model_dir}/last.pt). "
+                f"Try a lower --lr or --amp none")
+
     def save_last(epoch, batch):
         buffers = [(fake_A_buffer.state_dict(), fake_B_buffer.state_dict())]
         if ddp:  # every process's replay buffers, so a resume continues each of them
@@ -422,10 +434,7 @@ def main(argv=None):
             dist.all_gather_object(buffers, (fake_A_buffer.state_dict(), fake_B_buffer.state_dict()))
         if not master:
             return
-        if not all_finite(nets.values()):  # never replace a good last.pt with broken weights
-            log.close()
-            die(f"the weights became non-finite before epoch {epoch}, batch {batch}; not saving them "
-                f"(the last good state is {model_dir}/last.pt). Try a lower --lr or --amp none")
+        check_weights(epoch, batch)  # never replace a good last.pt with broken weights
         state = {"args": vars(opt), "epoch": epoch, "batch": batch, "rng": rng_state(), "replay_buffers": buffers}
         state.update({name: net.state_dict() for name, net in nets.items()})
         state.update({name: o.state_dict() for name, o in optimizers.items()})
@@ -516,6 +525,7 @@ def main(argv=None):
         # Weights are named by the number of epochs done, so --epoch N resumes after them.
         done = epoch + 1
         if master and (done == opt.n_epochs or (opt.checkpoint_interval > 0 and done % opt.checkpoint_interval == 0)):
+            check_weights(done, 0)
             for name, net in nets.items():
                 save_atomic(net.state_dict(), os.path.join(model_dir, f"{name}_{done}.pth"))
         save_last(done, 0)

@@ -111,11 +111,11 @@ TINY = ["--dataset_name", "tiny", "--data_root", "data", "--img_height", "32", "
         "--n_cpu", "0", "--seed", "0", "--log_interval", "1", "--n_epochs", "2", "--decay_epoch", "1", "--sample_interval", "2"]
 
 
-def test_torchrun_cli_trains_and_only_rank_zero_writes(tmp_path):
+def test_torchrun_cli_trains_with_bf16_and_only_rank_zero_writes(tmp_path):
     make_data(tmp_path / "data")
-    r = torchrun(tmp_path, 2, os.path.join(ROOT, "cyclegan.py"), *TINY)
+    r = torchrun(tmp_path, 2, os.path.join(ROOT, "cyclegan.py"), *TINY, "--amp", "bf16")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("done: weights in") == 1 and "x 2 process(es)" in r.stdout
+    assert r.stdout.count("done: weights in") == 1 and "(bf16) x 2 process(es)" in r.stdout
     models = tmp_path / "saved_models" / "tiny"
     assert sorted(os.listdir(models)) == ["D_A_2.pth", "D_B_2.pth", "G_AB_2.pth", "G_BA_2.pth", "last.pt", "log.csv"]
     rows = list(csv.DictReader(open(models / "log.csv")))
