@@ -363,7 +363,7 @@ def main(argv=None):
     # global RNG, whose state last.pt saves, differently in a resumed and an uninterrupted run)
     dataloader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, num_workers=n_workers,
                             pin_memory=device.type == "cuda", persistent_workers=n_workers > 0,
-                            generator=torch.Generator().manual_seed(opt.seed))
+                            generator=torch.Generator().manual_seed(opt.seed), worker_init_fn=ignore_stop_signals)
     real_A_fixed, real_B_fixed = fixed_samples(data_root, opt, device)
 
     # ---- models and optimisation
@@ -439,7 +439,12 @@ def main(argv=None):
         state.update({name: net.state_dict() for name, net in nets.items()})
         state.update({name: o.state_dict() for name, o in optimizers.items()})
         state.update({"scheduler_" + name: s.state_dict() for name, s in schedulers.items()})
-        save_atomic(state, os.path.join(model_dir, "last.pt"))
+        try:
+            save_atomic(state, os.path.join(model_dir, "last.pt"))
+        except (OSError, RuntimeError) as e:  # disk full, quota, file size limit, ... (torch reports some as RuntimeError)
+            log.close()
+            die(f"could not write {model_dir}/last.pt ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+                f"the previous last.pt, if any, is intact: free some space, then continue with --resume")
 
     # SIGINT / SIGTERM: finish the batch in hand, save, and leave.
     stop = {"signal": None}
@@ -534,6 +539,15 @@ def main(argv=None):
     if master:
         log.close()
         print(f"done: weights in {model_dir}/, samples in images/{opt.dataset_name}/")
+
+
+def ignore_stop_signals(worker_id):
+    """In data-loading workers: SIGINT and SIGTERM sent to the whole process group (Ctrl-C,
+    `kill -TERM -<pgid>`, SLURM, systemd) are for the main process, which finishes its batch,
+    saves last.pt and then stops the workers. (PyTorch's own SIGTERM handler in a worker
+    would kill it, and the main process would die of that with a traceback, unsaved.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def fixed_samples(data_root, opt, device, n=5):
