@@ -473,6 +473,10 @@ def main(argv=None):
     n_batches = len(dataloader)
     log = None
     if master:
+        if os.path.isdir(model_dir):  # temporary files of a save that was killed midway
+            for f in os.listdir(model_dir):
+                if f.startswith(".tmp-") and f.endswith(".pt"):
+                    os.remove(os.path.join(model_dir, f))
         log = ProgressLog(os.path.join(model_dir, "log.csv"), opt.n_epochs * n_batches, start_epoch * n_batches + start_batch, opt.log_interval)
         print(f"training on {device} ({opt.amp if amp_dtype else 'fp32'}) x {world_size} process(es): {len(dataset.files_A)} A / "
               f"{len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} per epoch and process, "
@@ -517,6 +521,8 @@ def main(argv=None):
             batches_done = epoch * n_batches + i
             if master:
                 log.add(epoch, i, batches_done, losses, lr)
+                if log.bad is not None:  # found by add()'s periodic flush: stop now, not at the next save
+                    check_finite()
             if master and batches_done % opt.sample_interval == 0:
                 sample_images(f"images/{opt.dataset_name}/{batches_done}.png", real_A_fixed, real_B_fixed, G_AB, G_BA, autocast)
             if opt.save_latest_interval > 0 and (batches_done + 1) % opt.save_latest_interval == 0:
@@ -592,10 +598,10 @@ _seen_bad = set()
 
 def dataset_bad_files(bad_lists, dataset, max_fraction=0.01):
     """Unreadable images were skipped and replaced; stop once more than
-    max_fraction of the data (at least 10 files) is unreadable."""
+    max_fraction of the files (and more than 2) are unreadable."""
     for s in bad_lists:
         _seen_bad.update(p for p in s.split("\n") if p)
-    limit = max(10, int(max_fraction * (len(dataset.files_A) + len(dataset.files_B))))
+    limit = max(2, int(max_fraction * (len(dataset.files_A) + len(dataset.files_B))))
     if len(_seen_bad) > limit:
         die(f"{len(_seen_bad)} training images are unreadable (more than {limit}); run with --verify_data to list "
             f"them all, then fix or remove them:\n  " + "\n  ".join(sorted(_seen_bad)))

@@ -130,6 +130,8 @@ TINY = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--
 
 
 def test_cli_trains_and_writes_seed_format_checkpoints_samples_and_log(tiny_data):
+    os.makedirs(tiny_data / "saved_models" / "tiny")
+    (tiny_data / "saved_models" / "tiny" / ".tmp-killed.pt").write_bytes(b"half a checkpoint")
     r = run(tiny_data, *TINY, "--n_epochs", "3", "--decay_epoch", "1", "--checkpoint_interval", "2", "--sample_interval", "5")
     assert r.returncode == 0, r.stderr
     models = tiny_data / "saved_models" / "tiny"
@@ -147,6 +149,7 @@ def test_cli_trains_and_writes_seed_format_checkpoints_samples_and_log(tiny_data
     assert samples == ["0.png", "5.png", "10.png"]
     grid = Image.open(tiny_data / "images" / "tiny" / "0.png")
     assert grid.size == (2 + 2 * (32 + 2), 2 + 4 * (32 + 2))
+    assert not (models / ".tmp-killed.pt").exists()  # a save killed midway leaves nothing behind
     # one log row per batch
     rows = list(csv.DictReader(open(models / "log.csv")))
     assert [int(r["iteration"]) for r in rows] == list(range(12))
@@ -238,3 +241,11 @@ def test_short_run_on_builtin_dataset_translates_better_than_identity(tmp_path):
     baseline = float(line.split("identity baseline MAE ")[1].split()[0])
     assert baseline > 0.3
     assert mae < 0.4 * baseline, line
+
+
+def test_non_finite_loss_stops_at_the_next_log_flush_not_at_the_end_of_the_epoch(tiny_data):
+    r = run(tiny_data, *TINY, "--n_epochs", "2", "--decay_epoch", "1", "--lr", "1e20", "--log_interval", "2",
+            "--save_latest_interval", "0")
+    assert r.returncode != 0 and "is not finite at iteration" in r.stderr and "Traceback" not in r.stderr
+    rows = list(csv.DictReader(open(tiny_data / "saved_models" / "tiny" / "log.csv")))
+    assert len(rows) == 2  # the flush after 2 batches found it; the epoch has 4

@@ -256,3 +256,12 @@ def test_die_prints_one_error_line_and_exits_nonzero(capsys):
         utils.die("something broke")
     assert info.value.code == 2
     assert capsys.readouterr().err == "error: something broke\n"
+
+
+def test_save_atomic_file_gets_ordinary_permissions_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_atomic({"x": torch.zeros(1)}, tmp_path / "a.pt")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "a.pt").st_mode & 0o777) == 0o644
