@@ -109,7 +109,11 @@ def main(argv=None):
     if opt.amp == "fp16" and device.type != "cuda":
         die("--amp fp16 needs CUDA; on CPU use --amp bf16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opt.amp)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    # Under autocast every layer of these generators computes in amp_dtype anyway (the
+    # padding, which CPU autocast does in fp32, only copies values), so casting the
+    # weights and the input once gives the same outputs bit for bit, without autocast's
+    # casts at every call (~10% faster on CPU; see bench.py).
+    dtype = amp_dtype or torch.float32
 
     state = load_checkpoint(opt.checkpoint, map_location="cpu")
     if isinstance(state, dict) and "G_AB" in state and "G_BA" in state:  # a full-state last.pt
@@ -117,7 +121,7 @@ def main(argv=None):
             die(f"{opt.checkpoint} holds both generators: add --generator G_AB (A->B) or --generator G_BA (B->A)")
         state = state[opt.generator]
     try:
-        G = build_generator(state).to(device).eval()
+        G = build_generator(state).to(device, dtype).eval()
     except (ValueError, RuntimeError, KeyError, AttributeError) as e:
         die(f"{opt.checkpoint} is not a CycleGAN generator checkpoint ({str(e).splitlines()[0][:200]})")
     channels = G.model[1].in_channels
@@ -138,8 +142,8 @@ def main(argv=None):
             continue
         if opt.img_height is not None:
             img = img.resize((opt.img_width, opt.img_height), Image.BICUBIC)
-        x = to_tensor(img).to(device)
-        out = to_image(translate(G, x, autocast))
+        x = to_tensor(img).to(device, dtype)
+        out = to_image(translate(G, x))
         if opt.side_by_side:
             both = Image.new(out.mode, (img.width + out.width, out.height))
             both.paste(img, (0, 0))
