@@ -230,7 +230,7 @@ def test_short_run_on_builtin_dataset_translates_better_than_identity(tmp_path):
     make_day2night(tmp_path / "data" / "synthetic_day2night", n_train=60, n_test=8, size=32, seed=3)
     r = run(tmp_path, "--dataset_name", "synthetic_day2night", "--img_height", "32", "--img_width", "32",
             "--n_residual_blocks", "1", "--n_epochs", "3", "--decay_epoch", "2", "--n_cpu", "0", "--seed", "0",
-            "--sample_interval", "1000", timeout=600)
+            "--sample_interval", "1000", timeout=1500)
     assert r.returncode == 0, r.stderr
     r = run(tmp_path, "--checkpoint", "saved_models/synthetic_day2night/G_AB_3.pth",
             "--image_path", "data/synthetic_day2night/testA", "--reference_dir", "data/synthetic_day2night/testB",
