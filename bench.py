@@ -7,6 +7,7 @@ done literally.
     python bench.py --amp bf16 --channels_last   # reference, default and this one configuration
     python bench.py --rows reference,bf16 --no_profile   # two rows, without the operator profiles
     python bench.py --quality                # short trainings on the built-in data: fp32 vs the best option
+    python bench.py --nproc 2                # DDP: images/s with 1 and 2 processes, scaling efficiency
 
 Every row runs in a fresh subprocess (so one row's memory and compiled code cannot
 pollute another's): build the four networks as cyclegan.py does, count one step's
@@ -146,6 +147,50 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class AllocSampler:
+    """The peak of glibc's in-use heap bytes (mallinfo2), sampled every millisecond in a
+    thread while a step runs: the tensors' own peak, which peak RSS overstates by
+    whatever the allocator has freed but kept mapped. None where there is no glibc."""
+
+    def __init__(self):
+        import ctypes
+        import threading
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+            self.libc.mallinfo2.restype = MallInfo2
+        except (OSError, AttributeError):
+            self.libc = None
+        self.threading = threading
+
+    def in_use(self):
+        m = self.libc.mallinfo2()
+        return (m.uordblks + m.hblkhd) / 2**20
+
+    def peak_during(self, fn):
+        if self.libc is None:
+            fn()
+            return None
+        peak, done = [self.in_use()], self.threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], self.in_use())
+                time.sleep(0.001)
+
+        t = self.threading.Thread(target=sample, daemon=True)
+        t.start()
+        try:
+            fn()
+        finally:
+            done.set()
+            t.join()
+        return max(peak[0], self.in_use())
+
+
 def build(opt, cfg, device):
     """The four networks, optimisers and replay buffers, as cyclegan.py builds them
     (the reference row: the seed's plain Adam), and a batch of inputs."""
@@ -239,15 +284,18 @@ def run_row(opt, row):
     # ---- timed training steps
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        mem_base = torch.cuda.memory_allocated() / 2**20
     rss_reset = reset_peak_rss()
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     times = time_calls(step, opt.iters, device)
     cpu_share = (cpu_seconds() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
     if device.type == "cuda":
-        peak_mem = torch.cuda.max_memory_allocated() / 2**20
+        peak_mem = torch.cuda.max_memory_reserved() / 2**20
+        peak_alloc = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mem = peak_rss_mib() if rss_reset else float("nan")
+        # one more step, with the heap sampled (kept out of the timings)
+        peak_alloc = AllocSampler().peak_during(step)
+        peak_alloc = float("nan") if peak_alloc is None else peak_alloc
     s_it = median(times)
     compile_s = max(0.0, sum(warm) - len(warm) * s_it) if cfg["compile"] else 0.0
 
@@ -267,7 +315,7 @@ def run_row(opt, row):
     inf_ms = 1000 * median(inf_times)
     if cfg["compile"]:
         compile_s += max(0.0, inf_warm - 2 * inf_ms / 1000)
-    return {"row": row, "s_it": s_it, "times": times, "flops": flops, "peak_mem_mib": peak_mem,
+    return {"row": row, "s_it": s_it, "times": times, "flops": flops, "peak_mem_mib": peak_mem, "peak_alloc_mib": peak_alloc,
             "compile_s": compile_s, "inf_ms": inf_ms, "cpu_share": cpu_share, "load": os.getloadavg()[0],
             "threads": torch.get_num_threads()}
 
@@ -385,6 +433,54 @@ def quality(opt, rows):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def ddp_worker(opt):
+    """One process of a torchrun launch: the default step under DDP, each process with
+    its own batch; rank 0 prints the images/s of all processes together."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device = torch.device(opt.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    cfg = parse_row("default")
+    nets, optimizers, buffers, real_A, real_B = build(opt, cfg, device)
+    ddp_nets = [DDP(n, device_ids=[device.index] if device.type == "cuda" else None) for n in nets]
+    step = make_step(cfg, ddp_nets, optimizers, buffers, real_A, real_B, device)
+    time_calls(step, opt.warmup + 1, device)
+    dist.barrier()
+    t = time.perf_counter()
+    time_calls(step, opt.iters, device)
+    dist.barrier()
+    seconds = time.perf_counter() - t
+    if dist.get_rank() == 0:
+        world = dist.get_world_size()
+        print("BENCH_RESULT " + json.dumps({"nproc": world, "img_s": world * opt.batch_size * opt.iters / seconds}), flush=True)
+    dist.destroy_process_group()
+
+
+def scaling(opt):
+    """images/s of the default step with 1 and with --nproc processes (torchrun, DDP),
+    and the scaling efficiency: images/s(N) / (N x images/s(1))."""
+    results = {}
+    for n in (1, opt.nproc):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), os.path.abspath(__file__),
+               "--_worker", "ddp", "--img_size", str(opt.img_size), "--n_residual_blocks", str(opt.n_residual_blocks),
+               "--batch_size", str(opt.batch_size), "--device", opt.device.split(":")[0], "--iters", str(opt.iters),
+               "--warmup", str(opt.warmup)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in r.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
+        if r.returncode != 0 or line is None:
+            raise SystemExit(f"{n}-process run failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
+        results[n] = json.loads(line[len("BENCH_RESULT "):])["img_s"]
+        print(f"{n} process(es): {results[n]:.3f} images/s", flush=True)
+    eff = results[opt.nproc] / (opt.nproc * results[1])
+    print(f"scaling efficiency with {opt.nproc} processes: {100 * eff:.0f}% "
+          f"(images/s {results[opt.nproc]:.3f} / ({opt.nproc} x {results[1]:.3f}); {opt.img_size}x{opt.img_size}, "
+          f"{opt.n_residual_blocks} blocks, batch {opt.batch_size} per process, {opt.device})")
+
+
 # -----------------------------------------------------------------------------
 
 def get_parser():
@@ -409,6 +505,7 @@ def get_parser():
     p.add_argument("--quality_test", type=int, default=20, help="--quality: paired test images")
     p.add_argument("--quality_epochs", type=int, default=3)
     p.add_argument("--quality_seeds", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=None, help="multi-process mode: images/s of DDP with 1 and N processes, and the scaling efficiency")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -418,6 +515,12 @@ def main(argv=None):
     if opt.device == "auto":
         opt.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(opt.device)
+    if opt._worker == "ddp":
+        ddp_worker(opt)
+        return
+    if opt.nproc:
+        scaling(opt)
+        return
     if opt._worker:
         if opt._worker.startswith("profile:"):
             print(profile_row(opt, opt._worker[8:]))
@@ -483,30 +586,38 @@ def main(argv=None):
 
 def print_table(results, opt, peaks):
     ref = next((r for r in results if r["row"] == "reference"), results[0])
-    head = (f"{'row':28s} {'s/it':>7s} {'img/s':>6s} {'TFLOP/s':>8s} {'vs ref':>6s} {'peak MiB':>9s} {'infer ms':>9s} "
-            f"{'vs ref':>6s} {'compile s':>9s} {'cpu%':>5s}")
-    mem = "peak RSS" if opt.device == "cpu" else "max_memory_allocated"
-    print(f"\ntraining step (TFLOP/iteration: {ref['flops'] / 1e12:.3f} reference, "
-          f"{results[-1]['flops'] / 1e12:.3f} {results[-1]['row']}); memory: {mem} of the timed steps; "
-          f"inference: test.translate, 1 image")
+    cuda = opt.device.startswith("cuda")
+    mem1, mem2 = ("reserved", "allocated") if cuda else ("peak RSS", "peak heap")
+    head = (f"{'row':26s} {'s/it':>7s} {'img/s':>6s} {'TFLOP/s':>7s} {'vs ref':>6s} {mem1 + ' MiB':>13s} {mem2 + ' MiB':>14s} "
+            f"{'infer ms':>9s} {'vs ref':>6s} {'compile s':>9s} {'cpu%':>5s}")
+    flops = ", ".join(dict.fromkeys(f"{r['flops'] / 1e12:.3f} {r['row']}" for r in results if r["row"] in ("reference", "default")))
+    print(f"\ntraining step, TFLOP per iteration: {flops} (the reference also computes the discriminators' weight "
+          f"gradients in the generator update)")
+    if cuda:
+        print("memory: max_memory_reserved / max_memory_allocated of the timed steps")
+    else:
+        print("memory: peak RSS (VmHWM) of the timed steps; peak heap: glibc's in-use bytes sampled every 1 ms during one "
+              "more step (the tensors' own peak, without what the allocator freed but kept)")
+    print("inference: test.py's translate() of one image of this size, with the row's options (--amp: weights cast once)")
     print(head)
     print("-" * len(head))
     for r in results:
         tflops = r["flops"] / r["s_it"] / 1e12
-        print(f"{r['row']:28s} {r['s_it']:7.3f} {opt.batch_size / r['s_it']:6.2f} {tflops:8.3f} {ref['s_it'] / r['s_it']:5.2f}x "
-              f"{r['peak_mem_mib']:9.0f} {r['inf_ms']:9.1f} {ref['inf_ms'] / r['inf_ms']:5.2f}x "
+        print(f"{r['row']:26s} {r['s_it']:7.3f} {opt.batch_size / r['s_it']:6.2f} {tflops:7.3f} {ref['s_it'] / r['s_it']:5.2f}x "
+              f"{r['peak_mem_mib']:13.0f} {r['peak_alloc_mib']:14.0f} {r['inf_ms']:9.1f} {ref['inf_ms'] / r['inf_ms']:5.2f}x "
               f"{r['compile_s']:9.1f} {100 * r['cpu_share']:4.0f}%")
     conv = {k: v for k, v in peaks.items() if k.startswith("conv")}
     if conv:
         best = min(results, key=lambda r: r["s_it"])
         f32 = max(v for k, v in conv.items() if "float32" in k)
         low = max((v for k, v in conv.items() if "float32" not in k), default=f32)
-        print(f"\nroofline: the step is ~all convolution FLOPs. At the measured conv peak it cannot go below "
-              f"{ref['flops'] / f32 / 1e9:.2f} s/it in fp32 and {ref['flops'] / low / 1e9:.2f} s/it in 16-bit, i.e. at most "
-              f"{ref['s_it'] * low * 1e9 / ref['flops']:.2f}x the reference's {ref['s_it']:.2f} s/it. "
-              f"Reference: {100 * ref['flops'] / ref['s_it'] / 1e9 / f32:.0f}% of the fp32 conv peak; "
-              f"fastest row ({best['row']}): {100 * best['flops'] / best['s_it'] / 1e9 / (low if parse_row(best['row'])['amp'] != 'none' else f32):.0f}% "
-              f"of its precision's conv peak.")
+        best_peak = low if parse_row(best["row"])["amp"] != "none" else f32
+        print(f"\nroofline: convolutions are ~all of the step's FLOPs (see the profiles below). At the best measured "
+              f"conv rate a step of {ref['flops'] / 1e12:.3f} TFLOP takes at least {ref['flops'] / f32 / 1e9:.2f} s in fp32 "
+              f"and {ref['flops'] / low / 1e9:.2f} s in 16 bits: at most {ref['s_it'] * low * 1e9 / ref['flops']:.2f}x the "
+              f"reference, which runs at {100 * ref['flops'] / ref['s_it'] / 1e9 / f32:.0f}% of the fp32 conv rate. "
+              f"Fastest row ({best['row']}, {ref['s_it'] / best['s_it']:.2f}x): "
+              f"{100 * best['flops'] / best['s_it'] / 1e9 / best_peak:.0f}% of its precision's conv rate.")
 
 
 def _cpu_name():

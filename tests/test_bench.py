@@ -60,3 +60,16 @@ def test_translating_with_bf16_weights_equals_bf16_autocast_bit_for_bit(arch):
         b = translate(G16, x.to(torch.bfloat16))
         assert b.dtype == torch.float32 and b.shape == (1, 3, h, w)
         assert torch.equal(a, b), (h, w)
+
+
+def test_bench_multiprocess_mode_reports_images_per_second_and_scaling_efficiency():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--nproc", "2", "--img_size", "32",
+                        "--n_residual_blocks", "1", "--iters", "2", "--warmup", "0", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    one = float(next(l for l in lines if l.startswith("1 process(es):")).split()[2])
+    two = float(next(l for l in lines if l.startswith("2 process(es):")).split()[2])
+    eff = next(l for l in lines if l.startswith("scaling efficiency with 2 processes:"))
+    assert one > 0 and two > 0
+    assert abs(int(eff.split(":")[1].split("%")[0]) - 100 * two / (2 * one)) <= 0.02 * 100 * two / (2 * one) + 1  # printed rounding
