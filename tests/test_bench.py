@@ -35,12 +35,13 @@ def test_bench_prints_a_row_per_configuration_with_ratios_to_the_reference():
     out = r.stdout
     assert "hardware peak" in out and "matmul 2048^3 bfloat16" in out and "conv3x3" in out
     table = out[out.index("training step"):].splitlines()
-    rows = {line.split()[0]: line.split() for line in table[3:] if line.strip() and not line.startswith("roofline")}
+    rows = {line.split()[0]: line.split() for line in table if line.split() and line.split()[0] in ("reference", "default", "bf16")}
     assert set(rows) == {"reference", "default", "bf16"}
     assert rows["reference"][4] == "1.00x"
     for cols in rows.values():
-        s_it, img_s, tflops, _, peak_mib, infer_ms = cols[1:7]
+        s_it, img_s, tflops, _, peak_mib, heap_mib, infer_ms = cols[1:8]
         assert float(s_it) > 0 and float(img_s) > 0 and float(tflops) > 0 and float(peak_mib) > 0 and float(infer_ms) > 0
+        assert float(heap_mib) > 0
     assert "roofline" in out
 
 
