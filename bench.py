@@ -499,6 +499,8 @@ def get_parser():
     p.add_argument("--rows", default=None, help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)})")
     p.add_argument("--no_profile", action="store_true", help="skip the top operators of one step of the reference and the fastest row")
     p.add_argument("--no_peak", action="store_true", help="skip the hardware peak measurement")
+    p.add_argument("--warm_compile_cache", action="store_true",
+                   help="let compiled rows use torch.compile's on-disk cache (default: an empty one, so 'compile s' is a first run's)")
     p.add_argument("--quality", action="store_true", help=f"quality parity instead: short trainings in fp32 and with {BEST}")
     p.add_argument("--quality_rows", default=f"default,{BEST}")
     p.add_argument("--quality_train", type=int, default=100, help="--quality: training images per domain")
@@ -564,7 +566,16 @@ def main(argv=None):
     print()
     for row in rows:
         print(f"running {row} ...", end=" ", flush=True)
-        r = subprocess.run([sys.executable, here, *base_args, f"--_worker={row}"], capture_output=True, text=True)
+        env, cache = None, None
+        if parse_row(row)["compile"] and not opt.warm_compile_cache:
+            # an empty inductor cache: the compile time of a first run, not of a cache hit
+            cache = tempfile.mkdtemp(prefix="bench-inductor-")
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        try:
+            r = subprocess.run([sys.executable, here, *base_args, f"--_worker={row}"], capture_output=True, text=True, env=env)
+        finally:
+            if cache:
+                shutil.rmtree(cache, ignore_errors=True)
         line = next((l for l in r.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
         if r.returncode != 0 or line is None:
             print(f"failed:\n{r.stderr[-3000:]}")
