@@ -3,6 +3,7 @@ Train CycleGAN (Zhu et al. 2017) on two unpaired folders of images.
 
     python cyclegan.py --dataset_name synthetic_day2night --img_height 64 --img_width 64
     python cyclegan.py --dataset_name monet2photo            # after data/download_cyclegan_dataset.sh
+    torchrun --standalone --nproc_per_node=4 cyclegan.py --dataset_name horse2zebra
 
 Samples go to images/<dataset>/, weights to saved_models/<dataset>/{G_AB,G_BA,D_A,D_B}_<epoch>.pth
 (plain state_dicts, as the seed), and the full training state to saved_models/<dataset>/last.pt,
@@ -10,13 +11,14 @@ from which --resume continues exactly.
 """
 import argparse
 import csv
-import math
+import glob
 import os
 import random
 import signal
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,13 +27,21 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
 
-from datasets import BUILTIN_DATASET, ImageDataset, UnpairedSampler, list_images, load_image, make_day2night, split_dirs, test_transforms, train_transforms
+from datasets import (BUILTIN_DATASET, ImageDataset, UnpairedSampler, UnreadableFiles, fixed_samples, make_day2night,
+                      train_transforms, verify_images)
 from models import Discriminator, GeneratorResNet, clean_state_dict, weights_init_normal
-from utils import LambdaLR, ReplayBuffer, die, load_checkpoint, save_atomic
+from utils import (LambdaLR, ReplayBuffer, StopSignal, autocast_context, check_finite_weights, die, load_checkpoint,
+                   load_training_state, pick_device, pick_precision, save_atomic, save_training_state)
 
-# Flags that may differ between a run and its --resume: they change neither the
-# model nor the data order nor the optimisation.
+# What train_step returns, in the order of log.csv's columns.
+LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity", "loss_D_A", "loss_D_B")
+
+# Flags that may differ between a run and its --resume: they change neither the model, nor
+# the data order, nor the algorithm. A resumed run is bitwise the run it continues when it
+# runs on the same kind of device in the same precision; --device and --amp change the
+# arithmetic, so changing them continues the run, close to but not bitwise the same.
 RESUME_HARMLESS = {"resume", "sample_interval", "checkpoint_interval", "save_latest_interval", "log_interval",
                    "n_cpu", "device", "compile", "verify_data", "amp"}
 
@@ -42,16 +52,16 @@ def get_parser():
     p.add_argument("--epoch", type=int, default=0, help="epoch to start training from: loads saved_models/<dataset>/*_<epoch>.pth when > 0")
     p.add_argument("--n_epochs", type=int, default=200, help="number of epochs of training")
     p.add_argument("--dataset_name", type=str, default="monet2photo", help=f"name of the dataset under data/ ('{BUILTIN_DATASET}' is generated on first use)")
-    p.add_argument("--batch_size", type=int, default=1, help="size of the batches")
+    p.add_argument("--batch_size", type=int, default=1, help="size of the batches (per process under torchrun)")
     p.add_argument("--lr", type=float, default=0.0002, help="adam: learning rate")
     p.add_argument("--b1", type=float, default=0.5, help="adam: decay of first order momentum of gradient")
     p.add_argument("--b2", type=float, default=0.999, help="adam: decay of second order momentum of gradient")
     p.add_argument("--decay_epoch", type=int, default=100, help="epoch from which to start lr decay")
-    p.add_argument("--n_cpu", type=int, default=8, help="number of data loading workers (capped at the number of cores)")
-    p.add_argument("--img_height", type=int, default=256, help="size of image height")
-    p.add_argument("--img_width", type=int, default=256, help="size of image width")
+    p.add_argument("--n_cpu", type=int, default=8, help="number of data loading workers (capped at the number of cores; 0: load in the main process)")
+    p.add_argument("--img_height", type=int, default=256, help="size of image height (training crop; a multiple of 4, at least 32)")
+    p.add_argument("--img_width", type=int, default=256, help="size of image width (training crop; a multiple of 4, at least 32)")
     p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="number of image channels")
-    p.add_argument("--sample_interval", type=int, default=100, help="interval (in batches) between saving generator samples")
+    p.add_argument("--sample_interval", type=int, default=100, help="interval (in batches) between saving generator samples; <= 0: never")
     p.add_argument("--checkpoint_interval", type=int, default=10, help="interval (in epochs) between saved weights; the last epoch is always saved; <= 0: only the last")
     p.add_argument("--n_residual_blocks", type=int, default=9, help="number of residual blocks in generator")
     p.add_argument("--lambda_cyc", type=float, default=10.0, help="cycle loss weight")
@@ -61,14 +71,18 @@ def get_parser():
     p.add_argument("--data_root", type=str, default=None, help="dataset folder (default: data/<dataset_name>)")
     p.add_argument("--d_receptive_field", type=int, default=94, choices=(94, 70),
                    help="discriminator patch size: 94 is the seed's (4th conv stride 2), 70 the paper's PatchGAN")
-    p.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if present, else CPU")
-    p.add_argument("--seed", type=int, default=None, help="random seed; the same seed, flags and data give bitwise identical weights (default: a random one, recorded in last.pt)")
+    p.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: CUDA, else Apple's MPS, else the CPU")
+    p.add_argument("--amp", type=str, default="auto", choices=("auto", "none", "bf16", "fp16"),
+                   help="precision: auto picks bf16 where the hardware computes it natively (CUDA compute capability >= 8.0, "
+                        "CPUs with AVX512_BF16 or AMX), else fp32; none: fp32, the seed's numerics; fp16: GPUs only")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile the networks; reduce-overhead adds CUDA graphs on GPUs")
+    p.add_argument("--seed", type=int, default=None, help="random seed; the same seed, flags and data give bitwise identical weights on the same machine (default: a random one, recorded in last.pt)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue exactly from a full-state checkpoint (default PATH: saved_models/<dataset>/last.pt)")
-    p.add_argument("--save_latest_interval", type=int, default=500, help="interval (in batches) between saves of last.pt")
-    p.add_argument("--log_interval", type=int, default=10, help="interval (in batches) between fetching losses for the log and progress line")
-    p.add_argument("--amp", type=str, default="none", choices=("none", "bf16", "fp16"), help="mixed precision: bf16 on CPU (AMX) or CUDA, fp16 on CUDA only")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--save_latest_interval", type=int, default=500, help="interval (in batches) between saves of last.pt (it is also saved after every epoch); <= 0: only after epochs")
+    p.add_argument("--log_interval", type=int, default=10, help="interval (in batches) between fetching losses for log.csv and the progress line")
     p.add_argument("--verify_data", action="store_true", help="decode every training image before training and report all unreadable ones")
     return p
 
@@ -84,6 +98,237 @@ def explicit_flags(parser, argv):
             else:
                 quiet.add_argument(*a.option_strings, nargs=a.nargs, type=a.type, const=a.const, **kwargs)
     return vars(quiet.parse_known_args(argv)[0])
+
+
+def check_flags(opt):
+    """One line for a flag out of its range. (Intervals <= 0 have a meaning: see --help.)"""
+    if opt.n_epochs < 1:
+        die(f"--n_epochs must be at least 1, got {opt.n_epochs}")
+    if opt.decay_epoch >= opt.n_epochs:
+        die(f"--decay_epoch ({opt.decay_epoch}) must be smaller than --n_epochs ({opt.n_epochs}): "
+            f"the learning rate decays linearly to 0 between them")
+    if opt.epoch >= opt.n_epochs:
+        die(f"--epoch {opt.epoch} is not below --n_epochs {opt.n_epochs}: nothing to train")
+    ranges = [("epoch", opt.epoch >= 0, "at least 0"),
+              ("decay_epoch", opt.decay_epoch >= 0, "at least 0"),
+              ("batch_size", opt.batch_size >= 1, "at least 1"),
+              ("lr", opt.lr > 0, "positive"),
+              ("b1", 0 <= opt.b1 < 1, "in [0, 1)"),
+              ("b2", 0 <= opt.b2 < 1, "in [0, 1)"),
+              ("n_cpu", opt.n_cpu >= 0, "at least 0"),
+              ("n_residual_blocks", opt.n_residual_blocks >= 0, "at least 0"),
+              ("lambda_cyc", opt.lambda_cyc >= 0, "at least 0"),
+              ("lambda_id", opt.lambda_id >= 0, "at least 0"),
+              ("pool_size", opt.pool_size >= 0, "at least 0 (0 turns the replay buffers off)"),
+              ("log_interval", opt.log_interval >= 1, "at least 1"),
+              ("seed", opt.seed is None or 0 <= opt.seed < 2**32, "between 0 and 2**32 - 1")]
+    for flag, ok, allowed in ranges:
+        if not ok:
+            die(f"--{flag} must be {allowed}, got {getattr(opt, flag)}")
+    if min(opt.img_height, opt.img_width) < 32:
+        # the discriminator halves the size four times and InstanceNorm needs > 1 pixel left
+        die(f"--img_height/--img_width must be at least 32, got {opt.img_height}x{opt.img_width}")
+    if opt.img_height % 4 or opt.img_width % 4:
+        # the generator halves the size twice and doubles it back: other sizes do not round-trip
+        die(f"--img_height/--img_width must be multiples of 4, got {opt.img_height}x{opt.img_width}")
+
+
+def find_last_pt(opt, given):
+    """The last.pt that --resume continues from: PATH, or that of --dataset_name, or the
+    only one under saved_models/."""
+    if opt.resume != "auto":
+        return opt.resume
+    if "dataset_name" in given:
+        return os.path.join("saved_models", opt.dataset_name, "last.pt")
+    found = sorted(glob.glob(os.path.join("saved_models", "*", "last.pt")))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        die("--resume: there is no saved_models/<dataset>/last.pt here; start a run first (it writes last.pt), "
+            "or pass --dataset_name NAME or --resume PATH")
+    die(f"--resume: several runs to continue ({', '.join(found)}); pass --dataset_name NAME or --resume PATH")
+
+
+def parse_args(argv):
+    """The arguments, checked; with --resume, those of the saved run, except harmless ones given now."""
+    parser = get_parser()
+    opt = parser.parse_args(argv)
+    given = explicit_flags(parser, argv)
+    resume_state = None
+    if opt.resume:
+        path = find_last_pt(opt, given)
+        if not os.path.exists(path):
+            die(f"--resume: {path} does not exist; start a run first (it writes last.pt), "
+                f"or pass --dataset_name NAME or --resume PATH")
+        resume_state = load_checkpoint(path)
+        if not isinstance(resume_state, dict) or "args" not in resume_state:
+            die(f"--resume: {path} is not a full-state checkpoint (no 'args'); for per-epoch weight files use --epoch N")
+        saved = resume_state["args"]
+        diffs = [f"--{k} {saved.get(k)} -> {v}" for k, v in sorted(given.items())
+                 if k not in RESUME_HARMLESS and saved.get(k) != v]
+        if diffs:
+            die(f"--resume: {path} was trained with other arguments: {'; '.join(diffs)}. "
+                f"Resume with the same ones, or start a new run")
+        opt = argparse.Namespace(**{**vars(opt), **saved, **{k: v for k, v in given.items() if k in RESUME_HARMLESS}})
+        opt.resume = path
+        if opt.compile is True or opt.compile is False:  # last.pt of a version whose --compile took no mode
+            opt.compile = "default" if opt.compile else None
+    else:
+        check_flags(opt)
+    if opt.seed is None:  # drawn here and recorded in last.pt (under torchrun, rank 0's is used)
+        opt.seed = int.from_bytes(os.urandom(4), "little") >> 1
+    return opt, resume_state
+
+
+# -----------------------------------------------------------------------------
+# Devices and processes
+
+def setup_processes(opt):
+    """The device, and the processes torchrun started (it sets RANK, LOCAL_RANK and
+    WORLD_SIZE): each trains on its own shard of every epoch with its own replay buffers,
+    and DDP averages the gradients. `group` is a gloo group for what the processes agree
+    on from the host (the seed, the stop signal, the replay buffers to save), so that
+    agreeing never waits for the GPU."""
+    device = pick_device(opt.device)
+    procs = SimpleNamespace(ddp=False, rank=0, local_rank=0, world_size=1, master=True, group=None)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        procs.ddp, procs.local_rank = True, int(os.environ.get("LOCAL_RANK", 0))
+        if device.type == "cuda":
+            device = torch.device("cuda", procs.local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        procs.rank, procs.world_size = dist.get_rank(), dist.get_world_size()
+        procs.master = procs.rank == 0
+        procs.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        # Every process drew a seed; DistributedSampler needs the same one everywhere, or the
+        # shards of an epoch overlap and miss images. Rank 0's is the run's seed.
+        seed = torch.tensor([opt.seed], dtype=torch.int64)
+        dist.broadcast(seed, src=0, group=procs.group)
+        opt.seed = int(seed[0])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device, procs
+
+
+def setup_precision(opt, device, procs):
+    """The autocast context and, for fp16, the GradScaler."""
+    dtype, warning = pick_precision(opt.amp, device)
+    if warning and procs.master:
+        print(warning, file=sys.stderr)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return dtype, autocast_context(device, dtype), scaler
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Data, networks, optimisation
+
+def build_data(opt, procs):
+    data_root = opt.data_root or os.path.join("data", opt.dataset_name)
+    if opt.dataset_name == BUILTIN_DATASET and procs.local_rank == 0 and not os.path.exists(data_root):
+        if procs.master:
+            print(f"generating the built-in dataset in {data_root} ...")
+        make_day2night(data_root)
+    if procs.ddp:  # one process per machine generates it; the others wait for it
+        dist.barrier(group=procs.group)
+    try:
+        dataset = ImageDataset(data_root, train_transforms(opt.img_height, opt.img_width), unaligned=True, mode="train",
+                               channels=opt.channels, warn=procs.master)
+    except FileNotFoundError as e:
+        die(str(e))
+    if opt.verify_data and procs.master:
+        verify_images(dataset.files_A + dataset.files_B, opt.channels)
+    sampler = UnpairedSampler(dataset, seed=opt.seed, num_replicas=procs.world_size, rank=procs.rank)
+    n_workers = min(opt.n_cpu, os.cpu_count() or 1)
+    # (its own generator: the base seed it draws for every new iterator must not advance the
+    # global RNG, whose state last.pt saves, differently in a resumed and an uninterrupted run)
+    dataloader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, num_workers=n_workers,
+                            pin_memory=torch.cuda.is_available(), persistent_workers=n_workers > 0,
+                            generator=torch.Generator().manual_seed(opt.seed), worker_init_fn=ignore_stop_signals)
+    return data_root, dataset, sampler, dataloader
+
+
+def ignore_stop_signals(worker_id):
+    """In data-loading workers: SIGINT and SIGTERM sent to the whole process group (Ctrl-C,
+    `kill -TERM -<pgid>`, SLURM, systemd) are for the main process, which finishes its batch,
+    saves last.pt and then stops the workers. (PyTorch's own SIGTERM handler in a worker
+    would kill it, and the main process would die of that with a traceback, unsaved.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_networks(opt, device):
+    input_shape = (opt.channels, opt.img_height, opt.img_width)
+    nets = {"G_AB": GeneratorResNet(input_shape, opt.n_residual_blocks), "G_BA": GeneratorResNet(input_shape, opt.n_residual_blocks),
+            "D_A": Discriminator(input_shape, opt.d_receptive_field), "D_B": Discriminator(input_shape, opt.d_receptive_field)}
+    for net in nets.values():
+        net.apply(weights_init_normal)
+    return {name: net.to(device) for name, net in nets.items()}
+
+
+def adam_options(device):
+    # fused Adam on CUDA (one kernel for all parameters), the foreach one elsewhere
+    return {"fused": True, "foreach": None} if device.type == "cuda" else {"fused": None, "foreach": True}
+
+
+def build_optimizers(opt, nets, device):
+    adam = dict(lr=opt.lr, betas=(opt.b1, opt.b2), **adam_options(device))
+    optimizers = {"optimizer_G": torch.optim.Adam(list(nets["G_AB"].parameters()) + list(nets["G_BA"].parameters()), **adam),
+                  "optimizer_D_A": torch.optim.Adam(nets["D_A"].parameters(), **adam),
+                  "optimizer_D_B": torch.optim.Adam(nets["D_B"].parameters(), **adam)}
+    lr_lambda = LambdaLR(opt.n_epochs, opt.epoch, opt.decay_epoch).step
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda=lr_lambda) for name, o in optimizers.items()}
+    return optimizers, schedulers
+
+
+def load_epoch_weights(nets, model_dir, epoch, device):
+    """The seed's resume: --epoch N loads the per-epoch weights (optimizers start afresh)."""
+    for name, net in nets.items():
+        path = os.path.join(model_dir, f"{name}_{epoch}.pth")
+        state = load_checkpoint(path, map_location=device)
+        try:
+            net.load_state_dict(clean_state_dict(state))
+        except RuntimeError as e:
+            die(f"{path} does not fit this model ({str(e).splitlines()[1].strip()}); "
+                f"check --n_residual_blocks, --channels and --d_receptive_field")
+
+
+def restore(opt, resume_state, training, device, procs, model_dir):
+    """Where training starts: (epoch, batch)."""
+    nets, optimizers, schedulers, buffers, scaler = training
+    if resume_state is None:
+        if opt.epoch > 0:
+            load_epoch_weights(nets, model_dir, opt.epoch, device)
+        return opt.epoch, 0
+    epoch, batch = load_training_state(resume_state, nets, optimizers, schedulers, buffers, scaler, adam_options(device),
+                                       procs.rank, procs.world_size, device)
+    if procs.master:
+        print(f"resuming from {opt.resume}: epoch {epoch}, batch {batch}")
+        was = resume_state.get("device_type"), resume_state.get("precision")
+        now = device.type, precision_name(pick_precision(opt.amp, device)[0])
+        if was[0] is not None and was != now:
+            print(f"note: last.pt was trained on {was[0]} in {was[1]}, this run is on {now[0]} in {now[1]}: it continues "
+                  f"the run, but not bitwise as an uninterrupted run would", file=sys.stderr)
+    return epoch, batch
+
+
+def precision_name(dtype):
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def networks_for_step(nets, opt, device, procs):
+    """The networks as train_step calls them: compiled (--compile), then wrapped in DDP."""
+    step_nets = list(nets.values())
+    if opt.compile:
+        step_nets = [torch.compile(net, mode=None if opt.compile == "default" else opt.compile) for net in step_nets]
+    if procs.ddp:
+        step_nets = [DDP(net, device_ids=[device.index] if device.type == "cuda" else None) for net in step_nets]
+    return tuple(step_nets)
 
 
 # -----------------------------------------------------------------------------
@@ -112,8 +357,8 @@ def backward_step(loss, optimizer, scaler):
 
 def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambda_id=5.0, autocast=nullcontext(), scaler=None):
     """One CycleGAN iteration: the generators, then D_A, then D_B, in the seed's
-    order and with its loss averaging. Returns the losses as detached tensors
-    (fetching them to the host is left to the caller, so nothing here syncs).
+    order and with its loss averaging. Returns the losses (LOSS_NAMES) as detached
+    tensors: fetching them to the host is left to the caller, so nothing here syncs.
 
     nets = (G_AB, G_BA, D_A, D_B), optimizers = (optimizer_G, optimizer_D_A, optimizer_D_B),
     buffers = (fake_A_buffer, fake_B_buffer)."""
@@ -164,13 +409,12 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
     loss_D_A, loss_D_B = losses_D
     loss_D = (loss_D_A + loss_D_B) / 2
 
-    out = dict(loss_D=loss_D, loss_G=loss_G, loss_GAN=loss_GAN, loss_cycle=loss_cycle, loss_identity=loss_identity,
-               loss_D_A=loss_D_A, loss_D_B=loss_D_B)
-    return {k: v.detach() for k, v in out.items()}
+    losses = (loss_D, loss_G, loss_GAN, loss_cycle, loss_identity, loss_D_A, loss_D_B)
+    return {name: loss.detach() for name, loss in zip(LOSS_NAMES, losses)}
 
 
 # -----------------------------------------------------------------------------
-# Samples, state, logging
+# Samples, log, saving
 
 @torch.no_grad()
 def sample_images(path, real_A, real_B, G_AB, G_BA, autocast=nullcontext()):
@@ -189,422 +433,200 @@ def sample_images(path, real_A, real_B, G_AB, G_BA, autocast=nullcontext()):
     save_image(grid, path)
 
 
-def rng_state():
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": (version, list(internal), gauss),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+class TrainingLog:
+    """Every batch's losses appended to log.csv, and the progress: a tqdm bar on a terminal,
+    a plain line every `log_interval` batches otherwise. Losses stay on the device until a
+    flush (every `log_interval` batches, and before every save), so logging costs no
+    per-batch sync; a flush that meets a non-finite loss stops training there.
+    A run that starts at iteration k first drops the rows of iterations >= k (written after
+    the last.pt it resumes from, or by an older run), so the log holds every iteration
+    once, in order."""
 
-
-def set_rng_state(state):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def all_finite(nets):
-    return all(bool(torch.isfinite(p).all()) for net in nets for p in net.parameters())
-
-
-class ProgressLog:
-    """A one-line progress bar on a terminal (a plain line every `log_interval`
-    batches otherwise), and every batch's losses appended to a CSV file.
-    Losses stay on the device until a flush, so logging costs no per-batch sync."""
-
-    def __init__(self, csv_path, total, done, log_interval):
-        self.total, self.start_done, self.log_interval = total, done, log_interval
-        self.tty = sys.stdout.isatty()
-        self.pending = []
-        self.bad = None  # (iteration, loss name) of the first non-finite loss written
-        self.t0 = None
-        new = not os.path.exists(csv_path)
-        os.makedirs(os.path.dirname(csv_path), exist_ok=True)
-        self.file = open(csv_path, "a", newline="")
+    def __init__(self, path, total, done, log_interval, model_dir):
+        self.path, self.total, self.log_interval, self.model_dir = path, total, log_interval, model_dir
+        self.header = ["epoch", "batch", "iteration", *LOSS_NAMES, "lr", "time"]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        keep_rows_before(path, done, self.header)
+        self.file = open(path, "a", newline="")
         self.csv = csv.writer(self.file)
-        self.header = ["epoch", "batch", "iteration", "loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity", "loss_D_A", "loss_D_B", "lr", "time"]
-        if new:
-            self.csv.writerow(self.header)
+        self.pending = []
+        self.t0 = self.t0_done = None  # rates from the end of the first batch: compile and warm-up excluded
+        self.bar = tqdm(total=total, initial=done, unit="it", dynamic_ncols=True) if sys.stdout.isatty() else None
 
     def add(self, epoch, batch, iteration, losses, lr):
-        if self.t0 is None:  # time from the end of the first batch: compile and warm-up excluded
-            self.t0, self.t0_iter = time.time(), iteration
+        if self.t0 is None:
+            self.t0, self.t0_done = time.time(), iteration + 1
         self.pending.append((epoch, batch, iteration, lr, torch.stack(list(losses.values()))))
         if len(self.pending) >= self.log_interval:
             self.flush()
 
     def flush(self):
-        """Write pending rows; return (iteration, loss name) of the first non-finite loss written
-        so far (also by an earlier flush, such as the one add() makes every log_interval), or None."""
         if not self.pending:
-            return self.bad
-        values = torch.stack([p[4] for p in self.pending]).float().cpu().tolist()
-        names = self.header[3:10]
+            return
+        first = self.pending[0][2]
+        epoch, batch, iteration = self.pending[-1][:3]
+        values = self.write_pending()
+        self.show_progress(epoch, batch, iteration + 1, values[-1])
+        bad = next(((first + k, name) for k, v in enumerate(values) for name, x in zip(LOSS_NAMES, v) if not np.isfinite(x)), None)
+        if bad is not None:
+            self.close()
+            die(f"{bad[1]} is not finite at iteration {bad[0]}; stopping without saving these weights "
+                f"(the last good state is {self.model_dir}/last.pt). Try a lower --lr or --amp none")
+
+    def write_pending(self):
+        values = torch.stack([p[4] for p in self.pending]).float().cpu().tolist()  # the one device sync
         now = time.time()
         for (epoch, batch, iteration, lr, _), v in zip(self.pending, values):
             self.csv.writerow([epoch, batch, iteration, *[f"{x:.6g}" for x in v], f"{lr:.6g}", f"{now:.3f}"])
-            if self.bad is None and not all(math.isfinite(x) for x in v):
-                self.bad = (iteration, names[next(i for i, x in enumerate(v) if not math.isfinite(x))])
         self.file.flush()
-        epoch, batch, iteration = self.pending[-1][:3]
         self.pending = []
-        done = iteration + 1
-        rate = (now - self.t0) / max(1, done - self.t0_iter - 1) if done - self.t0_iter > 1 else float("nan")
-        eta = rate * (self.total - done)
-        frac = done / self.total
-        bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
-        d, g, adv, cyc, idt = values[-1][:5]
-        line = (f"[{bar}] {100 * frac:5.1f}% epoch {epoch} batch {batch} | D {d:.4f} G {g:.4f} adv {adv:.4f} cyc {cyc:.4f} "
-                f"id {idt:.4f} | {1000 * rate:.0f} ms/it ETA {format_time(eta)}")
-        if self.tty:
-            print("\r" + line, end="", flush=True)
-        else:
-            print(line, flush=True)
-        return self.bad
+        return values
+
+    def show_progress(self, epoch, batch, done, losses):
+        postfix = f"epoch {epoch} batch {batch} | " + " ".join(
+            f"{name.removeprefix('loss_').replace('identity', 'id')} {x:.4f}" for name, x in zip(LOSS_NAMES[:5], losses))
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(postfix)
+            return
+        elapsed = time.time() - self.t0
+        rate = (done - self.t0_done) / elapsed if done > self.t0_done and elapsed > 0 else None
+        print(tqdm.format_meter(done, self.total, elapsed, ncols=60, rate=rate, unit="it", postfix=postfix), flush=True)
 
     def close(self):
-        if self.tty:
-            print()
+        if self.pending:
+            self.write_pending()
+        if self.bar is not None:
+            self.bar.close()
         self.file.close()
 
 
-def format_time(s):
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+def keep_rows_before(path, iteration, header):
+    """Rewrite log.csv with only the rows of iterations < `iteration` (and a fresh header if
+    it has none or another one). A partly written last row is dropped too."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if rows and rows[0] == header:
+            rows = [r for r in rows[1:] if len(r) == len(header) and r[2].isdigit() and int(r[2]) < iteration]
+        else:
+            rows = []
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    os.replace(tmp, path)
+
+
+def save_last(opt, model_dir, epoch, batch, iteration, training, log, procs, run_state):
+    """last.pt, to continue after `iteration`, once the losses logged so far and the weights
+    are known to be finite."""
+    nets, optimizers, schedulers, buffers, scaler = training
+    if log is not None:
+        log.flush()
+        check_finite_weights(nets, iteration, model_dir)
+    save_training_state(os.path.join(model_dir, "last.pt"), opt, epoch, batch, nets, optimizers, schedulers, buffers, scaler,
+                        run_state, procs.group)
+
+
+def save_epoch_weights(nets, model_dir, done, iteration):
+    # named by the number of epochs done, so --epoch N resumes after them
+    check_finite_weights(nets, iteration, model_dir)
+    for name, net in nets.items():
+        save_atomic(net.state_dict(), os.path.join(model_dir, f"{name}_{done}.pth"))
+
+
+def every(interval, count):
+    """True every `interval` counts; never when interval <= 0."""
+    return interval > 0 and count % interval == 0
+
+
+def stop_after_signal(opt, model_dir, epoch, batch, iteration, training, log, procs, run_state, signum):
+    save_last(opt, model_dir, epoch, batch, iteration, training, log, procs, run_state)
+    if log is not None:
+        log.close()
+        print(f"saved {model_dir}/last.pt at epoch {epoch}, batch {batch}; continue with: "
+              f"python cyclegan.py --dataset_name {opt.dataset_name} --resume", file=sys.stderr)
+    if procs.ddp:
+        dist.destroy_process_group()
+    sys.exit(128 + signum)
 
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = get_parser()
-    opt = parser.parse_args(argv)
-    given = explicit_flags(parser, argv)
+    opt, resume_state = parse_args(sys.argv[1:] if argv is None else argv)
     model_dir = os.path.join("saved_models", opt.dataset_name)
+    device, procs = setup_processes(opt)
+    dtype, autocast, scaler = setup_precision(opt, device, procs)
+    seed_everything(opt.seed)
 
-    # ---- resume: the saved run's arguments win, except for harmless ones given now
-    resume_state = None
-    if opt.resume:
-        path = os.path.join(model_dir, "last.pt") if opt.resume == "auto" else opt.resume
-        if not os.path.exists(path):
-            die(f"--resume: {path} does not exist; start a run first (it writes last.pt) or pass --resume PATH")
-        resume_state = load_checkpoint(path)
-        if not isinstance(resume_state, dict) or "args" not in resume_state:
-            die(f"--resume: {path} is not a full-state checkpoint (no 'args'); for per-epoch weight files use --epoch N")
-        saved = resume_state["args"]
-        diffs = [f"--{k} {saved.get(k)} -> {v}" for k, v in sorted(given.items())
-                 if k not in RESUME_HARMLESS and saved.get(k) != v]
-        if diffs:
-            die(f"--resume: {path} was trained with other arguments: {'; '.join(diffs)}. "
-                f"Resume with the same ones, or start a new run")
-        opt = argparse.Namespace(**{**vars(opt), **saved, **{k: v for k, v in given.items() if k in RESUME_HARMLESS}})
-        model_dir = os.path.join("saved_models", opt.dataset_name)
-    if opt.decay_epoch >= opt.n_epochs:
-        die(f"--decay_epoch ({opt.decay_epoch}) must be smaller than --n_epochs ({opt.n_epochs}): "
-            f"the learning rate decays linearly to 0 between them")
-    if min(opt.img_height, opt.img_width) < 32:
-        # the discriminator halves the size four times and InstanceNorm needs > 1 pixel left
-        die(f"--img_height/--img_width must be at least 32, got {opt.img_height}x{opt.img_width}")
-    if opt.epoch and resume_state is None and opt.epoch >= opt.n_epochs:
-        die(f"--epoch {opt.epoch} is not below --n_epochs {opt.n_epochs}: nothing to train")
-    if opt.seed is None:
-        opt.seed = int.from_bytes(os.urandom(4), "little") >> 1
-
-    # ---- device, precision, seeds
-    if opt.device == "cuda" and not torch.cuda.is_available():
-        die("--device cuda: no CUDA device is available; use --device cpu")
-    device = torch.device("cuda" if opt.device == "cuda" or (opt.device == "auto" and torch.cuda.is_available()) else "cpu")
-    if opt.amp == "fp16" and device.type != "cuda":
-        die("--amp fp16 needs CUDA; on CPU use --amp bf16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opt.amp)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    scaler = torch.amp.GradScaler(device.type) if opt.amp == "fp16" else None
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    # ---- distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; each process trains on
-    # its own shard of every epoch with its own replay buffers, and DDP averages the gradients.
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = 0, 1
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    master = rank == 0  # only rank 0 writes samples, logs and checkpoints
-    random.seed(opt.seed)
-    np.random.seed(opt.seed % 2**32)
-    torch.manual_seed(opt.seed)
-
-    # ---- data
-    data_root = opt.data_root or os.path.join("data", opt.dataset_name)
-    if opt.dataset_name == BUILTIN_DATASET and not os.path.exists(data_root):
-        print(f"generating the built-in dataset in {data_root} ...")
-        make_day2night(data_root)
-    try:
-        dataset = ImageDataset(data_root, train_transforms(opt.img_height, opt.img_width), unaligned=True, mode="train", channels=opt.channels)
-    except FileNotFoundError as e:
-        die(str(e))
-    if opt.verify_data:
-        verify_images(dataset.files_A + dataset.files_B, opt.channels)
-    sampler = UnpairedSampler(dataset, seed=opt.seed, num_replicas=world_size, rank=rank)
-    n_workers = min(opt.n_cpu, os.cpu_count() or 1)
-    # (its own generator: the base seed it draws for every new iterator must not advance the
-    # global RNG, whose state last.pt saves, differently in a resumed and an uninterrupted run)
-    dataloader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, num_workers=n_workers,
-                            pin_memory=device.type == "cuda", persistent_workers=n_workers > 0,
-                            generator=torch.Generator().manual_seed(opt.seed), worker_init_fn=ignore_stop_signals)
-    real_A_fixed, real_B_fixed = fixed_samples(data_root, opt, device)
-
-    # ---- models and optimisation
-    input_shape = (opt.channels, opt.img_height, opt.img_width)
-    G_AB = GeneratorResNet(input_shape, opt.n_residual_blocks).to(device)
-    G_BA = GeneratorResNet(input_shape, opt.n_residual_blocks).to(device)
-    D_A = Discriminator(input_shape, opt.d_receptive_field).to(device)
-    D_B = Discriminator(input_shape, opt.d_receptive_field).to(device)
-    nets = {"G_AB": G_AB, "G_BA": G_BA, "D_A": D_A, "D_B": D_B}
-    if opt.epoch > 0 and resume_state is None:
-        for name, net in nets.items():  # the seed's resume from per-epoch weights
-            state = load_checkpoint(os.path.join(model_dir, f"{name}_{opt.epoch}.pth"), map_location=device)
-            try:
-                net.load_state_dict(clean_state_dict(state))
-            except RuntimeError as e:
-                die(f"{model_dir}/{name}_{opt.epoch}.pth does not fit this model ({str(e).splitlines()[1].strip()}); "
-                    f"check --n_residual_blocks, --channels and --d_receptive_field")
-    else:
-        for net in nets.values():
-            net.apply(weights_init_normal)
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer_G = torch.optim.Adam(list(G_AB.parameters()) + list(G_BA.parameters()), lr=opt.lr, betas=(opt.b1, opt.b2), **fused)
-    optimizer_D_A = torch.optim.Adam(D_A.parameters(), lr=opt.lr, betas=(opt.b1, opt.b2), **fused)
-    optimizer_D_B = torch.optim.Adam(D_B.parameters(), lr=opt.lr, betas=(opt.b1, opt.b2), **fused)
-    optimizers = {"optimizer_G": optimizer_G, "optimizer_D_A": optimizer_D_A, "optimizer_D_B": optimizer_D_B}
-    lr_lambda = LambdaLR(opt.n_epochs, opt.epoch, opt.decay_epoch).step
-    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda=lr_lambda) for k, o in optimizers.items()}
-    fake_A_buffer = ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * rank)
-    fake_B_buffer = ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * rank + 1)
-
-    start_epoch, start_batch = opt.epoch, 0
-    if resume_state is not None:
-        for name, net in nets.items():
-            net.load_state_dict(resume_state[name])
-        for name, o in optimizers.items():
-            o.load_state_dict(resume_state[name])
-        for name, s in schedulers.items():
-            s.load_state_dict(resume_state["scheduler_" + name])
-        buffers = resume_state["replay_buffers"]  # one (A, B) pair per process of the saved run
-        start_epoch, start_batch = resume_state["epoch"], resume_state["batch"]
-        if len(buffers) != world_size and start_batch != 0:
-            die(f"--resume: last.pt was saved mid-epoch by {len(buffers)} process(es), and this run has {world_size}; "
-                f"the rest of that epoch cannot be split the same way. Resume with {len(buffers)} process(es), "
-                f"or from a last.pt saved at the end of an epoch")
-        fake_A_buffer.load_state_dict(buffers[rank % len(buffers)][0], device)
-        fake_B_buffer.load_state_dict(buffers[rank % len(buffers)][1], device)
-        set_rng_state(resume_state["rng"])
-        if master:
-            print(f"resuming from {opt.resume if opt.resume != 'auto' else os.path.join(model_dir, 'last.pt')}: "
-              f"epoch {start_epoch}, batch {start_batch}")
-
-    step_nets = tuple(torch.compile(net) for net in nets.values()) if opt.compile else tuple(nets.values())
-    if ddp:
-        step_nets = tuple(DDP(net, device_ids=[device.index] if device.type == "cuda" else None) for net in step_nets)
-
-    def check_weights(epoch, batch):
-        broken = [name for name, net in nets.items() if not all_finite([net])]
-        if broken:
-            log.close()
-            die(f"the weights of {', '.join(broken)} became non-finite by iteration {epoch * n_batches + batch - 1}; "
-                f"not saving them (the last good state is {model_dir}/last.pt). "
-                f"Try a lower --lr or --amp none")
-
-    def save_last(epoch, batch):
-        buffers = [(fake_A_buffer.state_dict(), fake_B_buffer.state_dict())]
-        if ddp:  # every process's replay buffers, so a resume continues each of them
-            buffers = [None] * world_size
-            dist.all_gather_object(buffers, (fake_A_buffer.state_dict(), fake_B_buffer.state_dict()))
-        if not master:
-            return
-        check_weights(epoch, batch)  # never replace a good last.pt with broken weights
-        state = {"args": vars(opt), "epoch": epoch, "batch": batch, "rng": rng_state(), "replay_buffers": buffers}
-        state.update({name: net.state_dict() for name, net in nets.items()})
-        state.update({name: o.state_dict() for name, o in optimizers.items()})
-        state.update({"scheduler_" + name: s.state_dict() for name, s in schedulers.items()})
-        try:
-            save_atomic(state, os.path.join(model_dir, "last.pt"))
-        except (OSError, RuntimeError) as e:  # disk full, quota, file size limit, ... (torch reports some as RuntimeError)
-            log.close()
-            die(f"could not write {model_dir}/last.pt ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-                f"the previous last.pt, if any, is intact: free some space, then continue with --resume")
-
-    # SIGINT / SIGTERM: finish the batch in hand, save, and leave.
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-        if master:
-            print(f"\n{signal.Signals(signum).name} received: finishing this batch and saving {model_dir}/last.pt ...",
-              file=sys.stderr, flush=True)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    def stop_requested():
-        # Under DDP every process must stop after the same batch, or the others would wait
-        # forever in the next gradient all-reduce: agree on the flag (a tiny all-reduce).
-        if not ddp:
-            return stop["signal"] is not None
-        flag = torch.tensor([0 if stop["signal"] is None else stop["signal"]], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop["signal"] = int(flag.item()) or None
-        return stop["signal"] is not None
+    data_root, dataset, sampler, dataloader = build_data(opt, procs)
+    fixed_A, fixed_B = (x.to(device) for x in fixed_samples(data_root, opt.img_height, opt.img_width, opt.channels))
+    nets = build_networks(opt, device)
+    optimizers, schedulers = build_optimizers(opt, nets, device)
+    buffers = (ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * procs.rank), ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * procs.rank + 1))
+    training = (nets, optimizers, schedulers, buffers, scaler)
+    start_epoch, start_batch = restore(opt, resume_state, training, device, procs, model_dir)
+    # carried in last.pt beside the training state: what a resume is compared with
+    run_state = {"device_type": device.type, "precision": precision_name(dtype)}
+    step_nets = networks_for_step(nets, opt, device, procs)
 
     n_batches = len(dataloader)
+    stop = StopSignal(f"finishing this batch and saving {model_dir}/last.pt ..." if procs.master else None, procs.group)
+    unreadable = UnreadableFiles(dataset)
     log = None
-    if master:
-        if os.path.isdir(model_dir):  # temporary files of a save that was killed midway
-            for f in os.listdir(model_dir):
-                if f.startswith(".tmp-") and f.endswith(".pt"):
-                    os.remove(os.path.join(model_dir, f))
-        log = ProgressLog(os.path.join(model_dir, "log.csv"), opt.n_epochs * n_batches, start_epoch * n_batches + start_batch, opt.log_interval)
-        print(f"training on {device} ({opt.amp if amp_dtype else 'fp32'}) x {world_size} process(es): {len(dataset.files_A)} A / "
-              f"{len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} per epoch and process, "
-              f"epochs {start_epoch}..{opt.n_epochs - 1}, seed {opt.seed}")
+    if procs.master:
+        clean_killed_saves(model_dir)
+        log = TrainingLog(os.path.join(model_dir, "log.csv"), opt.n_epochs * n_batches, start_epoch * n_batches + start_batch,
+                          opt.log_interval, model_dir)
+        print(f"training on {device} ({precision_name(dtype)}) x {procs.world_size} process(es): "
+              f"{len(dataset.files_A)} A / {len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} per epoch "
+              f"and process, epochs {start_epoch}..{opt.n_epochs - 1}, seed {opt.seed}")
 
-    def check_finite():
-        if log is None:
-            return
-        bad = log.flush()
-        if bad is not None:
-            log.close()
-            die(f"{bad[1]} is not finite at iteration {bad[0]}; stopping without saving these weights "
-                f"(the last good state is {model_dir}/last.pt). Try a lower --lr or --amp none")
-
-    def interrupted(epoch, batch):
-        check_finite()
-        save_last(epoch, batch)
-        if not master:
-            sys.exit(128 + stop["signal"])
-        log.close()
-        print(f"saved {model_dir}/last.pt at epoch {epoch}, batch {batch}; continue with: "
-              f"python cyclegan.py --dataset_name {opt.dataset_name} --resume", file=sys.stderr)
-        sys.exit(128 + stop["signal"])
-
-    # ----------
-    #  Training
-    # ----------
     for epoch in range(start_epoch, opt.n_epochs):
-        sampler.set_epoch(epoch)
         first = start_batch if epoch == start_epoch else 0
+        sampler.set_epoch(epoch)
         sampler.set_start(first * opt.batch_size)
-        lr = optimizer_G.param_groups[0]["lr"]
+        lr = optimizers["optimizer_G"].param_groups[0]["lr"]
         for i, batch in enumerate(dataloader, start=first):
-            if stop_requested():
-                interrupted(epoch, i)
             if any(batch["bad"]):
-                dataset_bad_files(batch["bad"], dataset)
+                unreadable.add(batch["bad"])
             real_A = batch["A"].to(device, non_blocking=True)
             real_B = batch["B"].to(device, non_blocking=True)
-            losses = train_step(real_A, real_B, step_nets, tuple(optimizers.values()), (fake_A_buffer, fake_B_buffer),
+            losses = train_step(real_A, real_B, step_nets, tuple(optimizers.values()), buffers,
                                 opt.lambda_cyc, opt.lambda_id, autocast, scaler)
-            batches_done = epoch * n_batches + i
-            if master:
-                log.add(epoch, i, batches_done, losses, lr)
-                if log.bad is not None:  # found by add()'s periodic flush: stop now, not at the next save
-                    check_finite()
-            if master and batches_done % opt.sample_interval == 0:
-                sample_images(f"images/{opt.dataset_name}/{batches_done}.png", real_A_fixed, real_B_fixed, G_AB, G_BA, autocast)
-            if opt.save_latest_interval > 0 and (batches_done + 1) % opt.save_latest_interval == 0:
-                check_finite()
-                save_last(epoch, i + 1)
-            if stop_requested():
-                interrupted(epoch, i + 1)
-        for s in schedulers.values():
-            s.step()
-        check_finite()
-        # Weights are named by the number of epochs done, so --epoch N resumes after them.
+            iteration = epoch * n_batches + i
+            if log is not None:
+                log.add(epoch, i, iteration, losses, lr)
+            if procs.master and every(opt.sample_interval, iteration):
+                sample_images(f"images/{opt.dataset_name}/{iteration}.png", fixed_A, fixed_B, nets["G_AB"], nets["G_BA"], autocast)
+            if every(opt.save_latest_interval, iteration + 1):
+                save_last(opt, model_dir, epoch, i + 1, iteration, training, log, procs, run_state)
+            if stop.agreed():
+                stop_after_signal(opt, model_dir, epoch, i + 1, iteration, training, log, procs, run_state, stop.signum)
+        for scheduler in schedulers.values():
+            scheduler.step()
         done = epoch + 1
-        if master and (done == opt.n_epochs or (opt.checkpoint_interval > 0 and done % opt.checkpoint_interval == 0)):
-            check_weights(done, 0)
-            for name, net in nets.items():
-                save_atomic(net.state_dict(), os.path.join(model_dir, f"{name}_{done}.pth"))
-        save_last(done, 0)
-    if ddp:
+        if procs.master and (done == opt.n_epochs or every(opt.checkpoint_interval, done)):
+            if log is not None:
+                log.flush()
+            save_epoch_weights(nets, model_dir, done, done * n_batches - 1)
+        save_last(opt, model_dir, done, 0, done * n_batches - 1, training, log, procs, run_state)
+
+    if procs.ddp:
         dist.destroy_process_group()
-    if master:
+    if log is not None:
         log.close()
         print(f"done: weights in {model_dir}/, samples in images/{opt.dataset_name}/")
 
 
-def ignore_stop_signals(worker_id):
-    """In data-loading workers: SIGINT and SIGTERM sent to the whole process group (Ctrl-C,
-    `kill -TERM -<pgid>`, SLURM, systemd) are for the main process, which finishes its batch,
-    saves last.pt and then stops the workers. (PyTorch's own SIGTERM handler in a worker
-    would kill it, and the main process would die of that with a traceback, unsaved.)"""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def fixed_samples(data_root, opt, device, n=5):
-    """The first n test images of each domain (train images if there is no test split)."""
-    try:
-        dir_A, dir_B = split_dirs(data_root, "test")
-    except FileNotFoundError:
-        dir_A, dir_B = split_dirs(data_root, "train")
-    tf = test_transforms(opt.img_height, opt.img_width)
-    out = []
-    for folder in (dir_A, dir_B):
-        imgs = []
-        for path in list_images(folder):
-            try:
-                img = load_image(path, opt.channels)
-            except Exception:
-                continue
-            for t in tf:
-                img = t(img)
-            imgs.append(img)
-            if len(imgs) == n:
-                break
-        out.append(torch.stack(imgs).to(device))
-    k = min(len(out[0]), len(out[1]))
-    return out[0][:k], out[1][:k]
-
-
-def verify_images(paths, channels):
-    bad = []
-    for path in paths:
-        try:
-            load_image(path, channels)
-        except Exception as e:
-            bad.append(f"{path} ({type(e).__name__}: {e})")
-    if bad:
-        die(f"{len(bad)} of {len(paths)} training images cannot be read; fix or remove them:\n  " + "\n  ".join(bad))
-    print(f"verified {len(paths)} training images: all readable")
-
-
-_seen_bad = set()
-
-
-def dataset_bad_files(bad_lists, dataset, max_fraction=0.01):
-    """Unreadable images were skipped and replaced; stop once more than
-    max_fraction of the files (and more than 2) are unreadable."""
-    for s in bad_lists:
-        _seen_bad.update(p for p in s.split("\n") if p)
-    limit = max(2, int(max_fraction * (len(dataset.files_A) + len(dataset.files_B))))
-    if len(_seen_bad) > limit:
-        die(f"{len(_seen_bad)} training images are unreadable (more than {limit}); run with --verify_data to list "
-            f"them all, then fix or remove them:\n  " + "\n  ".join(sorted(_seen_bad)))
+def clean_killed_saves(model_dir):
+    """Temporary files of a save that was killed midway."""
+    if os.path.isdir(model_dir):
+        for f in os.listdir(model_dir):
+            if f.startswith(".tmp-") and f.endswith(".pt"):
+                os.remove(os.path.join(model_dir, f))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -14,6 +15,8 @@ import torchvision.transforms as transforms
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from utils import die
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 
@@ -121,10 +124,11 @@ class ImageDataset(Dataset):
     A file that cannot be decoded is reported on stderr, recorded in the sample's
     "bad" list, and replaced by the next file of the same folder."""
 
-    def __init__(self, root, transforms_=None, unaligned=False, mode="train", channels=3):
+    def __init__(self, root, transforms_=None, unaligned=False, mode="train", channels=3, warn=True):
         self.transform = transforms.Compose(transforms_ or [transforms.ToTensor()])
         self.unaligned = unaligned
         self.channels = channels
+        self.warn = warn  # under DDP only rank 0 prints
         self.dir_A, self.dir_B = split_dirs(root, mode)
         self.files_A = list_images(self.dir_A)
         self.files_B = list_images(self.dir_B)
@@ -139,7 +143,8 @@ class ImageDataset(Dataset):
                 return load_image(path, self.channels)
             except Exception as e:
                 bad.append(path)
-                print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})", file=sys.stderr)
+                if self.warn:
+                    print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})", file=sys.stderr)
         raise RuntimeError(f"no readable image among the {len(files)} files in {os.path.dirname(files[0])}")
 
     def __getitem__(self, index):
@@ -191,6 +196,58 @@ class UnpairedSampler(Sampler):
         seeds = torch.randint(2**62, (self.n,), generator=g).tolist()
         for i in list(self.order)[self.start:]:
             yield (i % self.n_A, index_B[i] if self.unaligned else i % self.n_B, seeds[i])
+
+
+class UnreadableFiles:
+    """The unreadable training images met so far (each sample names the ones it skipped);
+    training stops once more than `max_fraction` of the files, and more than 2, are bad."""
+
+    def __init__(self, dataset, max_fraction=0.01):
+        self.seen = set()
+        self.limit = max(2, int(max_fraction * (len(dataset.files_A) + len(dataset.files_B))))
+
+    def add(self, bad_lists):
+        for s in bad_lists:
+            self.seen.update(p for p in s.split("\n") if p)
+        if len(self.seen) > self.limit:
+            die(f"{len(self.seen)} training images are unreadable (more than {self.limit}); run with --verify_data to list "
+                f"them all, then fix or remove them:\n  " + "\n  ".join(sorted(self.seen)))
+
+
+def verify_images(paths, channels):
+    """Decode every file; stop with the list of all unreadable ones."""
+    bad = []
+    for path in paths:
+        try:
+            load_image(path, channels)
+        except Exception as e:
+            bad.append(f"{path} ({type(e).__name__}: {e})")
+    if bad:
+        die(f"{len(bad)} of {len(paths)} training images cannot be read; fix or remove them:\n  " + "\n  ".join(bad))
+    print(f"verified {len(paths)} training images: all readable")
+
+
+def fixed_samples(data_root, img_height, img_width, channels, n=5):
+    """The first n readable test images of each domain (train images if there is no test
+    split), center-cropped: the same views in every sample grid of a run."""
+    try:
+        dir_A, dir_B = split_dirs(data_root, "test")
+    except FileNotFoundError:
+        dir_A, dir_B = split_dirs(data_root, "train")
+    tf = transforms.Compose(test_transforms(img_height, img_width))
+    out = []
+    for folder in (dir_A, dir_B):
+        imgs = []
+        for path in list_images(folder):
+            try:
+                imgs.append(tf(load_image(path, channels)))
+            except Exception:
+                continue
+            if len(imgs) == n:
+                break
+        out.append(torch.stack(imgs))
+    k = min(len(out[0]), len(out[1]))
+    return out[0][:k], out[1][:k]
 
 
 # -----------------------------------------------------------------------------
@@ -293,14 +350,32 @@ def make_day2night(root, n_train=400, n_test=40, size=64, seed=0):
     root = os.fspath(root).rstrip("/\\")
     if os.path.exists(root):
         raise FileExistsError(root)
-    tmp = root + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted run
-    jobs = [("trainA", i, i, False) for i in range(n_train)]
-    jobs += [("trainB", i, n_train + i, True) for i in range(n_train)]
-    jobs += [(d, i, 2 * n_train + i, d == "testB") for d in ("testA", "testB") for i in range(n_test)]
-    for d in ("trainA", "trainB", "testA", "testB"):
-        os.makedirs(os.path.join(tmp, d))
-    for d, i, scene, night in jobs:
-        img = render_scene([seed, 0, scene], size, night, [seed, 1, scene, int(night)])
-        Image.fromarray(img).save(os.path.join(tmp, d, f"{i:04d}.png"))
-    os.replace(tmp, root)  # atomic: root appears only once complete
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    # A private temporary folder, renamed into place once complete: an interrupted run
+    # leaves no half dataset, and processes generating at once (torchrun on a shared file
+    # system) cannot trip over each other; the first rename wins.
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=parent)
+    try:
+        jobs = [("trainA", i, i, False) for i in range(n_train)]
+        jobs += [("trainB", i, n_train + i, True) for i in range(n_train)]
+        jobs += [(d, i, 2 * n_train + i, d == "testB") for d in ("testA", "testB") for i in range(n_test)]
+        for d in ("trainA", "trainB", "testA", "testB"):
+            os.makedirs(os.path.join(tmp, d))
+        for d, i, scene, night in jobs:
+            img = render_scene([seed, 0, scene], size, night, [seed, 1, scene, int(night)])
+            Image.fromarray(img).save(os.path.join(tmp, d, f"{i:04d}.png"))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not os.path.isdir(root):  # not another process's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

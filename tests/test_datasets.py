@@ -515,3 +515,32 @@ def test_make_day2night_test_pairs_share_geometry_and_train_scenes_are_disjoint(
     assert None not in scenes_B and len(scenes_B) == 6
     assert not scenes_A & scenes_B
 
+
+
+def _generate(root, barrier, results):
+    barrier.wait()  # both start at once
+    try:
+        make_day2night(root, n_train=30, n_test=4, size=16, seed=0)
+        results.put("made")
+    except FileExistsError as e:
+        results.put("refused at the start" if e.args == (str(root),) else f"crashed: {e!r}")
+    except Exception as e:
+        results.put(f"crashed: {e!r}")
+
+
+def test_make_day2night_run_by_two_processes_at_once_gives_one_complete_dataset(tmp_path):
+    """torchrun on machines sharing a file system: several processes may generate the
+    built-in dataset at the same moment. None may crash or leave a partial dataset."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    root, barrier, results = tmp_path / "d2n", ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_generate, args=(root, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    outcomes = sorted(results.get(timeout=5) for _ in procs)
+    assert "made" in outcomes and all(o in ("made", "refused at the start") for o in outcomes), outcomes
+    assert {d: len(os.listdir(root / d)) for d in ("trainA", "trainB", "testA", "testB")} == \
+        {"trainA": 30, "trainB": 30, "testA": 4, "testB": 4}
+    assert os.listdir(tmp_path) == ["d2n"]  # no temporary folder left

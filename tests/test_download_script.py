@@ -426,6 +426,10 @@ def test_interrupted_download(shell, sig, data_dir, served, http_server):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell cannot trap a signal that was ignored when it started, and pytest may have
+        # been launched with SIGINT ignored (`cmd &` in a script, nohup, some CI runners):
+        # give the script the default disposition, as an interactive shell would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         part = data_dir / "mini.zip.part"

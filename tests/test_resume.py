@@ -230,6 +230,31 @@ def test_sigkill_at_arbitrary_iteration_then_resume_is_bitwise_identical(refs, t
     assert r.returncode == 0, r.stderr
     assert f"epoch {saved['epoch']}, batch {saved['batch']}" in r.stdout
     assert_same_final_state(cwd, refs[n_cpu])
+    # the rows the killed run logged after its last save were dropped, not logged twice
+    assert logged_iterations(cwd) == list(range(N_ITERS))
+
+
+def test_mid_epoch_resume_with_batch_size_2_is_bitwise_identical_and_logs_each_iteration_once(tmp_path):
+    """Batches of 2 (6 images: 3 batches per epoch): the resumed sampler must skip 2 samples
+    per batch done. Killed once iteration 4 is logged: last.pt was saved after iteration 3,
+    at (epoch 1, batch 1), and the log already holds iteration 4 too."""
+    ref, cwd = str(tmp_path / "ref"), str(tmp_path / "run")
+    make_data(ref, n_A=6, n_B=6)
+    copy_data(ref, cwd)
+    flags = [*BASE, "--n_cpu", "0", "--batch_size", "2"]
+    proc = start(cwd, "killed", *flags, "--log_interval", "1", "--save_latest_interval", "4")
+    wait_for_iteration(proc, cwd, "killed", 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    saved = load(os.path.join(cwd, "saved_models", "tiny", "last.pt"))
+    assert (saved["epoch"], saved["batch"]) == (1, 1), "not killed mid-epoch; nothing was tested"
+    assert 4 in logged_iterations(cwd)
+    r = run(cwd, "--dataset_name", "tiny", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1, batch 1" in r.stdout
+    assert run(ref, *flags).returncode == 0  # the uninterrupted run
+    assert_same_final_state(cwd, ref)
+    assert logged_iterations(cwd) == list(range(6))
 
 
 @pytest.mark.parametrize("sig,n_cpu,to_group", [

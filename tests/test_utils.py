@@ -1,6 +1,7 @@
 """Tests for utils.py: the replay buffer, the linear LR decay, atomic saving and
-safe checkpoint loading."""
+safe checkpoint loading, the full training state, the choice of device and precision."""
 
+import argparse
 import os
 import random
 
@@ -116,6 +117,20 @@ def test_replay_buffer_state_dict_round_trip_continues_bitwise_identically(tmp_p
     assert differs_from_fresh  # the restored state (contents + rng) is what made them equal
 
 
+def test_replay_buffer_stores_copies_not_views_of_the_batch_it_was_given(tmp_path):
+    """A stored fake must own just its own pixels: a view into the generator's 2n-image
+    output would keep that whole tensor alive, and last.pt would save all of it."""
+    buf = ReplayBuffer(max_size=4, seed=0)
+    batch = torch.randn(8, 3, 32, 32)
+    buf.push_and_pop(batch[4:])  # as train_step pushes the fakes: the second half of a stacked output
+    one_image = 3 * 32 * 32 * 4
+    assert all(d.untyped_storage().nbytes() == one_image for d in buf.data)
+    batch.zero_()  # and the stored images do not change with the tensor they came from
+    assert all(d.abs().sum() > 0 for d in buf.data)
+    torch.save(buf.state_dict(), tmp_path / "buf.pt")
+    assert os.path.getsize(tmp_path / "buf.pt") < 4 * one_image + 8192
+
+
 # ----------------------------------------------------------------------------- LambdaLR
 
 def test_lambda_lr_is_flat_until_decay_start_then_linear_to_zero():
@@ -140,18 +155,6 @@ def test_lambda_lr_decay_start_not_before_n_epochs_raises_naming_the_flags(decay
     with pytest.raises(ValueError) as info:
         LambdaLR(n_epochs=200, offset=0, decay_start_epoch=decay)
     assert "--decay_epoch" in str(info.value) and "--n_epochs" in str(info.value)
-
-
-def test_lambda_lr_drives_torch_scheduler_to_base_lr_times_factor():
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([p], lr=2e-4)
-    schedule = LambdaLR(n_epochs=200, offset=0, decay_start_epoch=100)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule.step)
-    for epoch in range(200):
-        assert opt.param_groups[0]["lr"] == pytest.approx(2e-4 * schedule.step(epoch), abs=1e-15)
-        opt.step()
-        sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)
 
 
 # ----------------------------------------------------------------------------- save_atomic
@@ -265,3 +268,146 @@ def test_save_atomic_file_gets_ordinary_permissions_not_mkstemps_0600(tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "a.pt").st_mode & 0o777) == 0o644
+
+
+# ----------------------------------------------------------------------------- the full training state
+
+def tiny_training(seed=0):
+    torch.manual_seed(seed)
+    nets = {"G": torch.nn.Linear(3, 2), "D": torch.nn.Linear(2, 1)}
+    optimizers = {"optimizer_G": torch.optim.Adam(nets["G"].parameters(), lr=1e-3, foreach=True),
+                  "optimizer_D": torch.optim.Adam(nets["D"].parameters(), lr=1e-3, foreach=True)}
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1.0 - e / 10) for k, o in optimizers.items()}
+    buffers = (ReplayBuffer(2, seed=1), ReplayBuffer(2, seed=2))
+    return nets, optimizers, schedulers, buffers
+
+
+def train_a_little(nets, optimizers, schedulers, buffers, steps=3):
+    for _ in range(steps):
+        x = torch.randn(4, 3)
+        loss = nets["D"](buffers[0].push_and_pop(nets["G"](x))).mean() + nets["G"](x).pow(2).mean()
+        for o in optimizers.values():
+            o.zero_grad()
+        loss.backward()
+        for o in optimizers.values():
+            o.step()
+        for s in schedulers.values():
+            s.step()
+
+
+def test_training_state_round_trip_restores_everything_including_the_grad_scaler(tmp_path):
+    """--amp fp16: the GradScaler's scale and growth tracker are part of the state; a resume
+    that restarted them at 2**16 would skip steps the uninterrupted run takes."""
+    training = tiny_training()
+    train_a_little(*training)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(torch.ones(()))  # (the scale is created lazily)
+    scaler.update(new_scale=512.0)  # as after a few overflows
+    scaler._growth_tracker.fill_(7)
+    path = tmp_path / "last.pt"
+    utils.save_training_state(path, argparse.Namespace(seed=3), 2, 5, *training, scaler=scaler, extra={"best_fid": 1.5})
+    random.random(), torch.rand(1)  # move the global RNGs on: the state must bring them back
+
+    state = load_checkpoint(path)
+    assert state["best_fid"] == 1.5 and state["args"]["seed"] == 3
+    fresh = tiny_training(seed=1)
+    fresh_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    epoch, batch = utils.load_training_state(state, *fresh, scaler=fresh_scaler)
+    assert (epoch, batch) == (2, 5)
+    assert fresh_scaler.state_dict()["scale"] == 512.0 and fresh_scaler.state_dict()["_growth_tracker"] == 7
+    # the continuation is the same as continuing the original
+    after_restore = (random.random(), torch.rand(1).item())
+    utils.set_rng_state(state["rng"])
+    assert after_restore == (random.random(), torch.rand(1).item())
+    utils.set_rng_state(state["rng"])
+    train_a_little(*training)
+    utils.set_rng_state(state["rng"])
+    train_a_little(*fresh)
+    for name in ("G", "D"):
+        for p, q in zip(training[0][name].parameters(), fresh[0][name].parameters()):
+            assert torch.equal(p, q)
+
+
+def test_training_state_saved_with_fused_adam_loads_with_the_options_of_this_device(tmp_path):
+    """A last.pt written on CUDA carries fused=True in its optimizer state; resumed on
+    the CPU, the optimizers must use the CPU's options."""
+    training = tiny_training()
+    train_a_little(*training)
+    utils.save_training_state(tmp_path / "last.pt", argparse.Namespace(), 1, 0, *training)
+    state = load_checkpoint(tmp_path / "last.pt")
+    for name in ("optimizer_G", "optimizer_D"):
+        for group in state[name]["param_groups"]:
+            group.update(fused=True, foreach=None)  # as saved by a CUDA run
+    fresh = tiny_training(seed=1)
+    utils.load_training_state(state, *fresh, optimizer_options={"fused": None, "foreach": True})
+    for o in fresh[1].values():
+        assert all(g["fused"] is None and g["foreach"] is True for g in o.param_groups)
+    train_a_little(*fresh)  # and they step
+
+
+def test_training_state_refuses_a_mid_epoch_resume_with_another_process_count(tmp_path, capsys):
+    training = tiny_training()
+    utils.save_training_state(tmp_path / "last.pt", argparse.Namespace(), 1, 3, *training)
+    state = load_checkpoint(tmp_path / "last.pt")
+    with pytest.raises(SystemExit):
+        utils.load_training_state(state, *tiny_training(), world_size=2)
+    assert "saved mid-epoch by 1 process(es)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_pick_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert utils.pick_device("auto").type == expected
+    assert utils.pick_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["cuda", "mps"])
+def test_pick_device_missing_backend_is_one_line_naming_the_flag(monkeypatch, capsys, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        utils.pick_device(name)
+    assert one_line_error(capsys).startswith(f"error: --device {name}: ")
+
+
+CPU = torch.device("cpu")
+XEON_NO_BF16 = {"avx2", "avx512f", "avx512bw", "avx512_vnni"}  # AVX-512, but no AVX512_BF16 or AMX
+EPYC_BF16 = {"avx2", "avx512f", "avx512bw", "avx512_bf16"}
+SAPPHIRE_RAPIDS = {"avx2", "avx512f", "amx_tile", "amx_bf16", "avx512_bf16"}
+
+
+@pytest.mark.parametrize("flags,expected", [(XEON_NO_BF16, None), ({"avx2", "fma"}, None), (set(), None),
+                                            (EPYC_BF16, torch.bfloat16), (SAPPHIRE_RAPIDS, torch.bfloat16)])
+def test_amp_auto_picks_bf16_only_on_cpus_reporting_native_bf16_instructions(flags, expected):
+    assert utils.pick_precision("auto", CPU, cpu_flags=flags) == (expected, None)
+
+
+def test_amp_bf16_on_a_cpu_that_emulates_it_runs_bf16_with_a_one_line_warning():
+    dtype, warning = utils.pick_precision("bf16", CPU, cpu_flags=XEON_NO_BF16)
+    assert dtype == torch.bfloat16 and "\n" not in warning and "slower" in warning and "--amp bf16" in warning
+    assert utils.pick_precision("bf16", CPU, cpu_flags=EPYC_BF16) == (torch.bfloat16, None)
+    assert utils.pick_precision("none", CPU, cpu_flags=EPYC_BF16) == (None, None)
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 0), None), ((7, 5), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_amp_auto_on_cuda_follows_the_compute_capability(capability, expected):
+    assert utils.pick_precision("auto", torch.device("cuda"), cuda_capability=capability) == (expected, None)
+    assert utils.pick_precision("fp16", torch.device("cuda"), cuda_capability=capability) == (torch.float16, None)
+
+
+def test_amp_fp16_on_the_cpu_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        utils.pick_precision("fp16", CPU, cpu_flags=EPYC_BF16)
+    assert "--amp fp16" in one_line_error(capsys)
+
+
+def test_cpu_info_reads_this_machines_flags():
+    name, flags = utils.cpu_info()
+    assert isinstance(name, str) and name
+    if os.path.exists("/proc/cpuinfo") and os.uname().machine == "x86_64":
+        with open("/proc/cpuinfo") as f:
+            first = next(line for line in f if line.startswith("flags"))
+        assert flags == set(first.split(":", 1)[1].split())
