@@ -237,7 +237,7 @@ def seed_everything(seed):
 # -----------------------------------------------------------------------------
 # Data, networks, optimisation
 
-def build_data(opt, procs):
+def build_data(opt, device, procs):
     data_root = opt.data_root or os.path.join("data", opt.dataset_name)
     if opt.dataset_name == BUILTIN_DATASET and procs.local_rank == 0 and not os.path.exists(data_root):
         if procs.master:
@@ -257,7 +257,7 @@ def build_data(opt, procs):
     # (its own generator: the base seed it draws for every new iterator must not advance the
     # global RNG, whose state last.pt saves, differently in a resumed and an uninterrupted run)
     dataloader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler, num_workers=n_workers,
-                            pin_memory=torch.cuda.is_available(), persistent_workers=n_workers > 0,
+                            pin_memory=device.type == "cuda", persistent_workers=n_workers > 0,
                             generator=torch.Generator().manual_seed(opt.seed), worker_init_fn=ignore_stop_signals)
     return data_root, dataset, sampler, dataloader
 
@@ -485,27 +485,30 @@ def plot_curves(folder, log_csv, eval_csv):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    # (file, x column, panels of (column, label, colour, line style))
+    figures = [(log_csv, "losses.png", "iteration", [[(n, n, f"C{k}", "-") for k, n in enumerate(LOSS_NAMES[1:5])],
+                                                      [(n, n, f"C{k + 4}", "-") for k, n in enumerate(LOSS_NAMES[5:])]]),
+               (eval_csv, "fid.png", "epoch", [[(f"{g}_fid", f"{g} FID", c, "-") for g, c in (("G_AB", "C0"), ("G_BA", "C1"))]
+                                               + [(f"{g}_fid_identity", f"{g} identity baseline", c, "--")
+                                                  for g, c in (("G_AB", "C0"), ("G_BA", "C1"))]])]
     written = []
-    for csv_path, png, groups in ((log_csv, "losses.png", [("loss_G", "loss_GAN", "loss_cycle", "loss_identity"), ("loss_D_A", "loss_D_B")]),
-                                  (eval_csv, "fid.png", [("G_AB_fid", "G_AB_fid_identity", "G_BA_fid", "G_BA_fid_identity")])):
+    for csv_path, png, x_name, panels in figures:
         if not os.path.exists(csv_path):
             continue
         with open(csv_path, newline="") as f:
-            rows = [r for r in csv.DictReader(f)]
+            rows = list(csv.DictReader(f))
         if not rows:
             continue
-        x_key = "iteration"
-        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.5), squeeze=False)
-        for ax, names in zip(axes[0], groups):
-            x = np.array([float(r[x_key]) for r in rows])
-            for name in names:
-                y = np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
+        x = np.array([float(r[x_name]) for r in rows])
+        for ax, lines in zip(axes[0], panels):
+            for name, label, colour, style in lines:
+                y = np.array([float(r[name]) if r.get(name) else np.nan for r in rows])
                 k = max(1, len(y) // 200)  # a moving average, so thousands of noisy GAN losses read as a curve
                 if k > 1:
                     y = np.convolve(y, np.ones(k) / k, mode="valid")
-                ax.plot(x[len(x) - len(y):], y, label=name.replace("_identity", " (identity baseline)"),
-                        linestyle="--" if "identity" in name and png == "fid.png" else "-")
-            ax.set_xlabel(x_key)
+                ax.plot(x[len(x) - len(y):], y, style, color=colour, label=label, marker="o" if png == "fid.png" else None)
+            ax.set_xlabel(x_name)
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -740,7 +743,7 @@ def main(argv=None):
     dtype, autocast, scaler = setup_precision(opt, device, procs)
     seed_everything(opt.seed)
 
-    data_root, dataset, sampler, dataloader = build_data(opt, procs)
+    data_root, dataset, sampler, dataloader = build_data(opt, device, procs)
     fixed_A, fixed_B = (x.to(device) for x in fixed_samples(data_root, opt.img_height, opt.img_width, opt.channels))
     nets = build_networks(opt, device)
     optimizers, schedulers = build_optimizers(opt, nets, device)
