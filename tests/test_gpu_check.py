@@ -1,0 +1,58 @@
+"""scripts/gpu_check.sh: its dry mode runs the GPU check's whole sequence on the CPU at tiny
+sizes and passes; a check that cannot run or fails makes the exit status non-zero; the
+log goes to $OUT. (The dry run is this suite's slow test: about a minute and a half on an
+idle 2-core machine, since it starts a dozen Python processes.)"""
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
+
+
+def run_check(tmp_path, timeout=1500, **env):
+    out = tmp_path / "out"
+    work = tmp_path / "tmp"
+    work.mkdir()
+    r = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
+                       env=dict(os.environ, OUT=str(out), TMPDIR=str(work), **env))
+    return r, out, work
+
+
+def test_dry_run_passes_every_check_and_writes_its_log_to_OUT(tmp_path):
+    r, out, work = run_check(tmp_path, DRY="1")
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    passed = {l.split(" (")[0][5:] for l in lines if l.startswith("PASS ")}
+    assert {"env", "equivalence", "train fp32", "sigterm + resume", "test.py", "speed table"} <= passed
+    assert not [l for l in lines if l.startswith("FAIL")]
+    skipped = {l.split(":")[0][5:] for l in lines if l.startswith("SKIP ")}
+    assert {"ddp", "compiled trainings"} <= skipped and ("evaluate.py" in passed | skipped)
+    assert lines[-1] == "gpu_check: all checks passed"
+    # the interruption came in the middle of the run, and the resumed run went on from there
+    n, total = map(int, re.search(r"^interrupted after (\d+) of (\d+) iterations", r.stdout, re.M).groups())
+    assert 0 < n < total
+    assert re.search(r"^resuming from .*last\.pt: epoch \d+, batch \d+", r.stdout, re.M)
+    # the equivalence check and the speed table ran with their own verdicts
+    assert re.search(r"^  cpu fp32 .* PASS", r.stdout, re.M) and "\nequivalence: PASS" in r.stdout
+    assert re.search(r"^reference +\d", r.stdout, re.M) and re.search(r"^default\((fp32|bf16)\) +\d", r.stdout, re.M)
+    assert (out / "gpu_check.log").read_text() == r.stdout
+    assert not [f for f in os.listdir(work) if f.startswith("gpu-check.")]  # its work folder is removed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_the_real_check_fails_at_once(tmp_path):
+    r, out, _ = run_check(tmp_path, timeout=300)
+    assert r.returncode == 1
+    assert re.search(r"^FAIL env \(exit 1", r.stdout, re.M) and "no CUDA device" in r.stdout
+    assert "---- equivalence" not in r.stdout  # nothing else ran
+    assert (out / "gpu_check.log").read_text() == r.stdout
+
+
+def test_checks_that_the_time_budget_leaves_no_room_for_fail(tmp_path):
+    r, _, _ = run_check(tmp_path, timeout=120, DRY="1", BUDGET="3")
+    assert r.returncode == 1
+    assert re.search(r"^FAIL env: not run, the 3 s budget is spent", r.stdout, re.M)
