@@ -64,13 +64,6 @@ def compare(G, run, channels=3):
     return worst
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module", params=["seed", "official"])
 def exported(request, tmp_path_factory):

@@ -170,16 +170,6 @@ def run(net, x):
     return net.eval()(x)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The networks are small at these input sizes: intra-op threads only add
-    # synchronisation, which costs seconds per forward when the CPUs are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def official9():
     return seeded(lambda: OfficialGenerator(3, 3, 64, 9))

@@ -58,13 +58,6 @@ def levels(y):
     return ((y.double().clamp(-1, 1) + 1) * 127.5).round()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # -----------------------------------------------------------------------------
 # exactness

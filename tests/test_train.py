@@ -162,6 +162,12 @@ def run(cwd, *args, script="cyclegan.py", timeout=300):
                           text=True, timeout=timeout)
 
 
+def grids(folder):
+    """The sample grids (<iteration>.png) in an images/<dataset> folder, in iteration order."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted((f for f in names if f[:-4].isdigit() and f.endswith(".png")), key=lambda f: int(f[:-4]))
+
+
 TINY = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1",
         "--n_cpu", "0", "--seed", "0"]
 
@@ -182,8 +188,7 @@ def test_cli_trains_and_writes_seed_format_checkpoints_samples_and_log(tiny_data
     D = Discriminator((3, 32, 32))
     D.load_state_dict(torch.load(models / "D_A_3.pth", weights_only=True), strict=True)
     # samples every 5 batches: 4 rows (real_A, fake_B, real_B, fake_A) of the 2 test images
-    samples = sorted(os.listdir(tiny_data / "images" / "tiny"), key=lambda f: int(f.split(".")[0]))
-    assert samples == ["0.png", "5.png", "10.png"]
+    assert grids(tiny_data / "images" / "tiny") == ["0.png", "5.png", "10.png"]
     grid = Image.open(tiny_data / "images" / "tiny" / "0.png")
     assert grid.size == (2 + 2 * (32 + 2), 2 + 4 * (32 + 2))
     assert not (models / ".tmp-killed.pt").exists()  # a save killed midway leaves nothing behind
@@ -242,12 +247,23 @@ def test_seed_style_epoch_resume_loads_per_epoch_weights(tiny_data):
     (["--n_cpu", "-1"], "--n_cpu must be at least 0, got -1"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--amp", "fp16", "--device", "cpu"], "error: --"),
 ])
-def test_bad_arguments_give_one_clear_line_naming_the_flag(tmp_path, args, expected):
-    r = run(tmp_path, *args)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+def test_bad_arguments_give_one_clear_line_naming_the_flag(tmp_path, monkeypatch, capsys, args, expected):
+    # in this process (main() is what the command line runs; a subprocess each would only add
+    # the imports' time): exit code 2 and exactly one line on stderr, nothing on stdout
+    from cyclegan import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert expected in lines[0]
+
+
+def test_a_bad_argument_on_the_command_line_is_one_line_without_a_traceback(tmp_path):
+    r = run(tmp_path, "--batch_size", "0")
+    assert r.returncode == 2 and r.stderr == "error: --batch_size must be at least 1, got 0\n"
 
 
 def test_seed_defaults_are_kept():
@@ -265,7 +281,7 @@ def test_seed_defaults_are_kept():
 def test_sample_interval_zero_means_no_samples_and_training_still_runs(tiny_data):
     r = run(tiny_data, *TINY, "--n_epochs", "1", "--decay_epoch", "0", "--sample_interval", "0")
     assert r.returncode == 0, r.stderr
-    assert not (tiny_data / "images" / "tiny").exists()
+    assert grids(tiny_data / "images" / "tiny") == []
     assert (tiny_data / "saved_models" / "tiny" / "G_AB_1.pth").exists()
 
 
@@ -322,7 +338,7 @@ def test_compile_trains_a_few_iterations_and_saves_plain_state_dicts(tiny_data):
     GeneratorResNet((3, 32, 32), 1).load_state_dict(state, strict=True)
     rows = list(csv.DictReader(open(tiny_data / "saved_models" / "tiny" / "log.csv")))
     assert [int(r["iteration"]) for r in rows] == [0, 1] and all(np.isfinite(float(r["loss_G"])) for r in rows)
-    assert sorted(os.listdir(tiny_data / "images" / "tiny")) == ["0.png", "1.png"]
+    assert grids(tiny_data / "images" / "tiny") == ["0.png", "1.png"]
 
 
 def test_resume_without_dataset_name_finds_the_only_run_or_asks_for_it(tiny_data):

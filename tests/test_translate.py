@@ -141,14 +141,6 @@ def g1(tmp_path_factory):
     return save(G.state_dict(), tmp_path_factory.mktemp("g1") / "G_AB_1.pth"), G
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The images are tiny: a second intra-op thread only adds synchronisation.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):

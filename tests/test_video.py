@@ -32,13 +32,6 @@ def ckpt(tmp_path_factory):
     return str(path), G
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def run_main(argv, capsys):
     try:
