@@ -1,7 +1,7 @@
 """scripts/gpu_check.sh: its dry mode runs the GPU check's whole sequence on the CPU at tiny
 sizes and passes; a check that cannot run or fails makes the exit status non-zero; the
-log goes to $OUT. (The dry run is this suite's slow test: about a minute and a half on an
-idle 2-core machine, since it starts a dozen Python processes.)"""
+log goes to $OUT. (The dry run is one of this suite's slow tests: about two minutes on an
+idle 2-core machine, since it starts ten Python processes.)"""
 import os
 import re
 import subprocess

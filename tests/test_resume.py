@@ -67,14 +67,6 @@ def run(cwd, *args, timeout=300, **kwargs):
                           text=True, timeout=timeout, **kwargs)
 
 
-def run_all(*runs):
-    """Independent short runs side by side (there are 2 cores): [(cwd, args), ...] -> [CompletedProcess]."""
-    procs = [subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for cwd, args in runs]
-    outs = [p.communicate(timeout=300) for p in procs]
-    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
-
-
 _background = []
 
 
@@ -335,26 +327,25 @@ def test_resume_at_epoch_boundary_even_after_a_save_that_failed_midway(refs, tmp
 # -----------------------------------------------------------------------------
 # resume arguments
 
-def test_incompatible_resume_is_refused_listing_every_difference_and_harmless_changes_are_accepted(refs, tmp_path):
+def test_incompatible_resume_is_refused_listing_every_difference_and_harmless_changes_are_accepted(refs, tmp_path, main_in_process):
     cwd = str(tmp_path)
     copy_data(refs[0], cwd)
     os.makedirs(os.path.join(cwd, "saved_models", "tiny"))
     last = os.path.join(cwd, "saved_models", "tiny", "last.pt")
     shutil.copy(os.path.join(refs[0], "saved_models", "tiny", "last.pt"), last)
 
-    r, ok = run_all(
-        (cwd, ["--dataset_name", "tiny", "--resume", "--n_residual_blocks", "2", "--img_height", "64",
-               "--lr", "0.001", "--seed", "8", "--n_cpu", "0"]),
-        # harmless: sample/save/log intervals, workers, device, checkpoint interval
-        (cwd, ["--resume", "saved_models/tiny/last.pt", "--sample_interval", "2", "--save_latest_interval", "3",
-               "--log_interval", "1", "--n_cpu", "1", "--checkpoint_interval", "1", "--device", "cpu"]))
-    assert r.returncode != 0
-    err = r.stderr.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    code, _, err = main_in_process(cwd, "--dataset_name", "tiny", "--resume", "--n_residual_blocks", "2", "--img_height", "64",
+                                   "--lr", "0.001", "--seed", "8", "--n_cpu", "0")
+    assert code == 2
+    err = err.strip()
+    assert len(err.splitlines()) == 1, err
     for flag in ("--n_residual_blocks 1 -> 2", "--img_height 32 -> 64", "--lr 0.0002 -> 0.001", "--seed 7 -> 8"):
         assert flag in err, err
     assert "--n_cpu" not in err  # a harmless difference is not listed
 
+    # harmless: sample/save/log intervals, workers, device, checkpoint interval
+    ok = run(cwd, "--resume", "saved_models/tiny/last.pt", "--sample_interval", "2", "--save_latest_interval", "3",
+             "--log_interval", "1", "--n_cpu", "1", "--checkpoint_interval", "1", "--device", "cpu")
     assert ok.returncode == 0, ok.stderr
     assert f"epoch {N_EPOCHS}, batch 0" in ok.stdout
 
@@ -409,19 +400,18 @@ def test_too_many_unreadable_images_stop_with_one_error_listing_them(tmp_path):
     assert not os.path.exists(os.path.join(cwd, "saved_models", "tiny", "last.pt"))
 
 
-def test_verify_data_lists_every_bad_file_at_once_and_exits_before_training(tmp_path):
+def test_verify_data_lists_every_bad_file_at_once_and_exits_before_training(tmp_path, main_in_process):
     cwd = str(tmp_path)
     root = make_data(cwd)
     bad = bad_files(os.path.join(root, "trainA"), 2, 1) + bad_files(os.path.join(root, "trainB"), 1, 1)
     with open(os.path.join(root, "trainB", "notes.png"), "w") as f:
         f.write("not an image")
     bad.append(os.path.join(root, "trainB", "notes.png"))
-    r = run(cwd, *BASE, "--n_cpu", "0", "--verify_data")
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr
+    code, _, err = main_in_process(cwd, *BASE, "--n_cpu", "0", "--verify_data")
+    assert code == 2
     for path in bad:
-        assert os.path.relpath(path, cwd) in r.stderr, r.stderr
-    assert f"{len(bad)} of {2 * N_IMAGES + len(bad)}" in r.stderr
+        assert os.path.relpath(path, cwd) in err, err
+    assert f"{len(bad)} of {2 * N_IMAGES + len(bad)}" in err
     assert not os.path.exists(os.path.join(cwd, "saved_models", "tiny", "log.csv"))  # no training started
     assert not os.path.exists(os.path.join(cwd, "images", "tiny"))
 
@@ -478,8 +468,7 @@ class Payload:
         return os.makedirs, (self.marker,)
 
 
-def test_checkpoint_that_runs_code_is_refused_for_resume_and_epoch_and_its_payload_never_runs(tmp_path):
-    runs = []
+def test_checkpoint_that_runs_code_is_refused_for_resume_and_epoch_and_its_payload_never_runs(tmp_path, main_in_process):
     for how, name, args in (("resume", "last.pt", ["--dataset_name", "tiny", "--resume"]),
                             ("epoch", "G_AB_1.pth", [*BASE, "--n_cpu", "0", "--epoch", "1"])):
         cwd = str(tmp_path / how)
@@ -492,10 +481,7 @@ def test_checkpoint_that_runs_code_is_refused_for_resume_and_epoch_and_its_paylo
         torch.load(evil, weights_only=False)  # the payload is real:
         assert os.path.isdir(marker)
         os.rmdir(marker)
-        runs.append((cwd, args))
-
-    for (cwd, _), r, name in zip(runs, run_all(*runs), ("last.pt", "G_AB_1.pth")):
-        assert r.returncode != 0
-        assert not os.path.exists(os.path.join(cwd, "PWNED"))
-        assert "Traceback" not in r.stderr
-        assert name in r.stderr and "refused" in r.stderr and "arbitrary code" in r.stderr, r.stderr
+        code, _, err = main_in_process(cwd, *args)
+        assert code == 2
+        assert not os.path.exists(marker)
+        assert name in err and "refused" in err and "arbitrary code" in err, err

@@ -199,7 +199,7 @@ def test_cli_trains_and_writes_seed_format_checkpoints_samples_and_log(tiny_data
     assert all(np.isfinite(float(r["loss_G"])) for r in rows)
 
 
-def test_sample_grid_shows_fixed_test_images_denormalised_not_stretched(tiny_data):
+def test_sample_grid_shows_fixed_test_images_denormalised_not_stretched_and_seed_style_epoch_resume(tiny_data, main_in_process):
     r = run(tiny_data, *TINY, "--n_epochs", "2", "--decay_epoch", "1", "--sample_interval", "4")
     assert r.returncode == 0, r.stderr
     grid = np.asarray(Image.open(tiny_data / "images" / "tiny" / "0.png")).astype(int)
@@ -214,9 +214,7 @@ def test_sample_grid_shows_fixed_test_images_denormalised_not_stretched(tiny_dat
     grid2 = np.asarray(Image.open(tiny_data / "images" / "tiny" / "4.png")).astype(int)
     assert np.array_equal(grid[:36], grid2[:36])
 
-
-def test_seed_style_epoch_resume_loads_per_epoch_weights(tiny_data):
-    assert run(tiny_data, *TINY, "--n_epochs", "2", "--decay_epoch", "1").returncode == 0
+    # the seed's resume, --epoch N, from that run's per-epoch weights
     r = run(tiny_data, *TINY, "--n_epochs", "3", "--decay_epoch", "1", "--epoch", "2")
     assert r.returncode == 0, r.stderr
     assert (tiny_data / "saved_models" / "tiny" / "G_AB_3.pth").exists()
@@ -227,8 +225,8 @@ def test_seed_style_epoch_resume_loads_per_epoch_weights(tiny_data):
     # the log holds the first run's epochs 0 and 1, then the new epoch 2, each once
     assert [int(r["iteration"]) for r in rows] == list(range(12))
     # a missing epoch file is one clear line
-    r = run(tiny_data, *TINY, "--n_epochs", "9", "--decay_epoch", "1", "--epoch", "7")
-    assert r.returncode != 0 and "G_AB_7.pth does not exist" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = main_in_process(tiny_data, *TINY, "--n_epochs", "9", "--decay_epoch", "1", "--epoch", "7")
+    assert code == 2 and "G_AB_7.pth does not exist" in err
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -300,12 +298,13 @@ def test_short_run_on_builtin_dataset_translates_better_than_identity(tmp_path):
     the paired test scenes are much closer to the night ground truth than the
     untranslated inputs are (the identity baseline)."""
     from datasets import make_day2night
-    make_day2night(tmp_path / "data" / "synthetic_day2night", n_train=60, n_test=8, size=32, seed=3)
+    # 80 iterations: the MAE ratio is about 0.15-0.2 here (0.1 after 180), far below the bound
+    make_day2night(tmp_path / "data" / "synthetic_day2night", n_train=40, n_test=8, size=32, seed=3)
     r = run(tmp_path, "--dataset_name", "synthetic_day2night", "--img_height", "32", "--img_width", "32",
-            "--n_residual_blocks", "1", "--n_epochs", "3", "--decay_epoch", "2", "--n_cpu", "0", "--seed", "0",
+            "--n_residual_blocks", "1", "--n_epochs", "2", "--decay_epoch", "1", "--n_cpu", "0", "--seed", "0",
             "--sample_interval", "1000", timeout=1500)
     assert r.returncode == 0, r.stderr
-    r = run(tmp_path, "--checkpoint", "saved_models/synthetic_day2night/G_AB_3.pth",
+    r = run(tmp_path, "--checkpoint", "saved_models/synthetic_day2night/G_AB_2.pth",
             "--image_path", "data/synthetic_day2night/testA", "--reference_dir", "data/synthetic_day2night/testB",
             "--output_dir", "out", script="test.py")
     assert r.returncode == 0, r.stderr
@@ -341,17 +340,17 @@ def test_compile_trains_a_few_iterations_and_saves_plain_state_dicts(tiny_data):
     assert grids(tiny_data / "images" / "tiny") == ["0.png", "1.png"]
 
 
-def test_resume_without_dataset_name_finds_the_only_run_or_asks_for_it(tiny_data):
-    r = run(tiny_data, "--resume")
-    assert r.returncode == 2 and "--dataset_name" in r.stderr and "Traceback" not in r.stderr
+def test_resume_without_dataset_name_finds_the_only_run_or_asks_for_it(tiny_data, main_in_process):
+    code, _, err = main_in_process(tiny_data, "--resume")
+    assert code == 2 and "--dataset_name" in err
     assert run(tiny_data, *TINY, "--n_epochs", "1", "--decay_epoch", "0").returncode == 0
     r = run(tiny_data, "--resume", "--n_cpu", "0")  # the only last.pt under saved_models/
     assert r.returncode == 0, r.stderr
     assert "resuming from saved_models/tiny/last.pt: epoch 1, batch 0" in r.stdout
     os.makedirs(tiny_data / "saved_models" / "other")
     shutil.copy(tiny_data / "saved_models" / "tiny" / "last.pt", tiny_data / "saved_models" / "other" / "last.pt")
-    r = run(tiny_data, "--resume")
-    assert r.returncode == 2 and "--dataset_name" in r.stderr and "saved_models/other/last.pt" in r.stderr
+    code, _, err = main_in_process(tiny_data, "--resume")
+    assert code == 2 and "--dataset_name" in err and "saved_models/other/last.pt" in err
 
 
 def test_resume_in_another_precision_says_it_is_a_continuation_not_bitwise(tiny_data):
