@@ -1,6 +1,7 @@
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -49,3 +50,97 @@ def main_in_process(monkeypatch, capsys):
         out, err = capsys.readouterr()
         return code, out, err
     return call
+
+
+# -----------------------------------------------------------------------------
+# One precision per test, chosen by the test, never by the CPU.
+#
+# `--amp auto` trains in bf16 where the CPU computes bf16 natively and in fp32 elsewhere, so
+# a test that left it to auto would check fp32 on one machine and bf16 on the next. Two
+# rules keep every test's meaning the same on every machine:
+# - In this process, the hardware report is faked (`no_native_bf16`, autouse): auto means
+#   fp32 here, whatever the CPU. Tests about the choice itself take `cpu_bf16`, which runs
+#   them once with a faked native-bf16 CPU and once without one, on every machine.
+# - A script run in a subprocess cannot be faked, so every command line goes through
+#   `cli_argv` (or `run_cli`/`start_cli`), which refuses a script that computes (it has
+#   --amp) without an explicit precision other than auto. test_suite_rules.py checks that
+#   no test starts a script any other way.
+#
+# What may be compared bitwise: two runs of the same code on the same inputs, with the same
+# thread count and precision, in the same process or on the same machine (a resume against
+# an uninterrupted run, a DDP run against its replay). Everything else (bf16 against fp32,
+# a reordered sum, our FID against scipy's) is compared with a tolerance that holds for
+# every CPU kind: rounding, not the code, decides those last bits.
+
+PRECISION_SCRIPTS = ("cyclegan.py", "test.py", "evaluate.py", "bench.py")
+NO_NATIVE_BF16 = ("a CPU without native bf16 (faked by tests/conftest.py)", frozenset({"sse4_2", "avx2", "fma", "avx512f"}))
+NATIVE_BF16 = ("a CPU with native bf16 (faked by tests/conftest.py)", frozenset({"sse4_2", "avx2", "fma", "avx512f", "avx512_bf16"}))
+
+
+class UnpinnedPrecision(AssertionError):
+    pass
+
+
+def pinned_precision(args):
+    """The precision the arguments name (--amp X or --amp=X), or None when they leave it to
+    the default, which is auto."""
+    args = [str(a) for a in args]
+    for k, a in enumerate(args):
+        if a == "--amp" and k + 1 < len(args):
+            return None if args[k + 1] == "auto" else args[k + 1]
+        if a.startswith("--amp="):
+            return None if a == "--amp=auto" else a.split("=", 1)[1]
+    return None
+
+
+def cli_argv(script, *args, python=None):
+    """[python, ROOT/script, *args], refused when `script` computes and the arguments let the
+    CPU choose its precision (a --help needs none)."""
+    args = [str(a) for a in args]
+    name = os.path.basename(str(script))
+    if name in PRECISION_SCRIPTS and pinned_precision(args) is None and not {"-h", "--help"} & set(args):
+        raise UnpinnedPrecision(f"{name} {' '.join(args)}: name the precision (--amp none, bf16, ...); "
+                                f"--amp auto would let the CPU of the machine running the test choose it")
+    return [python or sys.executable, os.path.join(ROOT, name) if not os.path.isabs(str(script)) else str(script), *args]
+
+
+def torchrun_argv(nproc, script, *args):
+    """torchrun on this machine (a free port) with the same check as cli_argv."""
+    argv = cli_argv(script, *args)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0", *argv[1:]]
+
+
+def one_thread_env(env=None, **extra):
+    return {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_cli(script, *args, cwd=ROOT, env=None, timeout=300, **kwargs):
+    """The script run to completion in a subprocess on one thread: a CompletedProcess with text output."""
+    return subprocess.run(cli_argv(script, *args), cwd=cwd, env=env or one_thread_env(), capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def start_cli(script, *args, cwd=ROOT, env=None, **kwargs):
+    """The script started in the background (a Popen); the caller collects it."""
+    return subprocess.Popen(cli_argv(script, *args), cwd=cwd, env=env or one_thread_env(), **kwargs)
+
+
+def _fake_cpu(monkeypatch, report):
+    import utils
+    monkeypatch.setattr(utils, "cpu_info", lambda: (report[0], set(report[1])))
+
+
+@pytest.fixture(autouse=True)
+def no_native_bf16(monkeypatch):
+    """In this process --amp auto means fp32, on every machine."""
+    _fake_cpu(monkeypatch, NO_NATIVE_BF16)
+
+
+@pytest.fixture(params=["native_bf16", "emulated_bf16"])
+def cpu_bf16(request, monkeypatch):
+    """Runs the test twice, with a faked CPU that computes bf16 natively and with one that
+    does not; the test gets True for the native one."""
+    native = request.param == "native_bf16"
+    _fake_cpu(monkeypatch, NATIVE_BF16 if native else NO_NATIVE_BF16)
+    return native
