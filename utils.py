@@ -266,12 +266,12 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
-def cpu_info():
+def cpu_info(path="/proc/cpuinfo"):
     """(model name, set of instruction-set flags) of this machine's CPU, from
     /proc/cpuinfo on Linux; elsewhere the flags are unknown (empty)."""
     name, flags = None, set()
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()

@@ -34,6 +34,10 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
 
 
+# The download scripts prefer curl, and some tests check what they say of curl's exit codes.
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)")
+
+
 @pytest.fixture
 def main_in_process(monkeypatch, capsys):
     """cyclegan.main(args) run in this process with `cwd` as the working folder, for runs that
@@ -104,10 +108,17 @@ def cli_argv(script, *args, python=None):
     return [python or sys.executable, os.path.join(ROOT, name) if not os.path.isabs(str(script)) else str(script), *args]
 
 
+def fp32(args):
+    """The arguments, with --amp none unless they name a precision themselves."""
+    args = [str(a) for a in args]
+    return args if any(a == "--amp" or a.startswith("--amp=") for a in args) else args + ["--amp", "none"]
+
+
 def torchrun_argv(nproc, script, *args):
-    """torchrun on this machine (a free port) with the same check as cli_argv."""
+    """torchrun on this machine (free ports) with the same check as cli_argv."""
     argv = cli_argv(script, *args)
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0", *argv[1:]]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0", *argv[1:]]
 
 
 def one_thread_env(env=None, **extra):
@@ -131,10 +142,13 @@ def _fake_cpu(monkeypatch, report):
     monkeypatch.setattr(utils, "cpu_info", lambda: (report[0], set(report[1])))
 
 
-@pytest.fixture(autouse=True)
-def no_native_bf16(monkeypatch):
-    """In this process --amp auto means fp32, on every machine."""
-    _fake_cpu(monkeypatch, NO_NATIVE_BF16)
+@pytest.fixture(autouse=True, scope="session")
+def no_native_bf16():
+    """In this process --amp auto means fp32, on every machine (session-wide, so that module
+    fixtures that run a script see it too)."""
+    with pytest.MonkeyPatch.context() as mp:
+        _fake_cpu(mp, NO_NATIVE_BF16)
+        yield
 
 
 @pytest.fixture(params=["native_bf16", "emulated_bf16"])

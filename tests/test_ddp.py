@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import fp32, one_thread_env, run_cli, torchrun_argv
 from cyclegan import train_step
 from models import Discriminator, GeneratorResNet, weights_init_normal
 from utils import ReplayBuffer
@@ -24,10 +24,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="needs torch.distributed with gloo")
 
 
-def torchrun(cwd, nproc, *args, timeout=300, popen=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def torchrun(cwd, nproc, script, *args, timeout=300, popen=False):
+    cmd = torchrun_argv(nproc, script, *fp32(args))
+    env = one_thread_env()
     if popen:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -171,12 +170,11 @@ def test_torchrun_sigterm_then_resume_is_bitwise_identical_and_process_count_may
     state = torch.load(ref / "saved_models" / "tiny" / "last.pt", weights_only=True)
     state["epoch"], state["args"]["n_epochs"], state["args"]["decay_epoch"] = 1, 2, 1
     torch.save(state, one / "saved_models" / "tiny" / "last.pt")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "cyclegan.py"), "--dataset_name", "tiny", "--resume"], cwd=one,
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli("cyclegan.py", "--dataset_name", "tiny", "--resume", "--amp", "none", cwd=one)
     assert r.returncode == 0, r.stderr
     state["batch"] = 1
     torch.save(state, one / "saved_models" / "tiny" / "last.pt")
-    code, _, err = main_in_process(one, "--dataset_name", "tiny", "--resume")
+    code, _, err = main_in_process(one, "--dataset_name", "tiny", "--resume", "--amp", "none")
     assert code == 2 and "saved mid-epoch by 2 process(es)" in err
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import needs_curl, run_cli
 from models import Discriminator, GeneratorResNet, OfficialGenerator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,6 +218,7 @@ def test_bad_name_prints_the_list_and_touches_nothing(shell, args, repo, stub_pa
 # --------------------------------------------------------------------------- success
 
 
+@needs_curl
 @pytest.mark.parametrize("shell,from_saved_models", [("dash", False), ("bash", True)], ids=["dash-from_root", "bash-from_saved_models"])
 def test_404_then_the_second_location_lands_in_the_official_layout_and_translates(shell, from_saved_models, repo, files, serve):
     if not shutil.which(shell):
@@ -240,7 +242,7 @@ def test_404_then_the_second_location_lands_in_the_official_layout_and_translate
     assert argv[:4] == ["python", "test.py", "--checkpoint", DEST]
     if shell == "dash":
         Image.new("RGB", (37, 22), (200, 120, 40)).save(repo / "horse.jpg")
-        t = subprocess.run([sys.executable, *argv[1:]], cwd=repo, env=clean_env(), capture_output=True, text=True, timeout=300)
+        t = run_cli(os.path.join(repo, argv[1]), *argv[2:], "--amp", "none", cwd=repo, env=clean_env())
         assert t.returncode == 0, t.stderr
         with Image.open(repo / "images" / "outputs" / "horse.png") as out:
             assert out.size == (37, 22)
@@ -300,6 +302,7 @@ def test_only_a_bad_file_fails_and_leaves_nothing(repo, files, serve):
     assert_nothing_left(repo)
 
 
+@needs_curl
 @pytest.mark.parametrize("shell", SHELLS)
 def test_unreachable_host_ends_with_one_clear_line(shell, repo):
     urls = f"http://127.0.0.1:{closed_port()}/a http://127.0.0.1:{closed_port()}/b"

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_curl
+
 Image = pytest.importorskip("PIL.Image")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -357,6 +359,7 @@ def test_missing_file_url(shell, data_dir, served):
     assert_nothing_left(data_dir)
 
 
+@needs_curl
 @pytest.mark.parametrize("shell", SHELLS)
 def test_http_404(shell, data_dir, http_server):
     srv = http_server()

@@ -5,11 +5,11 @@ import csv
 import importlib.util
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from conftest import fp32, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -23,8 +23,7 @@ has_tensorboard = importlib.util.find_spec("tensorboard") is not None
 
 
 def run(cwd, *args, env=ENV, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "cyclegan.py"), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_cli("cyclegan.py", *fp32(args), cwd=cwd, env=env, timeout=timeout)
 
 
 def make_data(cwd):

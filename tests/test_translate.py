@@ -13,8 +13,6 @@ import importlib.util
 import os
 import pickle
 import re
-import subprocess
-import sys
 import urllib.parse
 
 import numpy as np
@@ -25,11 +23,11 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "test.py")
 
+import conftest  # noqa: E402
 import models  # noqa: E402
 from datasets import load_image  # noqa: E402
 from models import Discriminator, GeneratorResNet, OfficialGenerator  # noqa: E402
 from test_models import official_reference_forward  # noqa: E402
-from utils import pick_precision  # noqa: E402
 
 # The script is named test.py; import it by path so the stdlib `test` package is not picked up.
 _spec = importlib.util.spec_from_file_location("cyclegan_translate_script", SCRIPT)
@@ -115,9 +113,7 @@ def run_main(argv, capsys, fp32_default=True):
 
 
 def run_cli(args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny images: one thread is fastest
-    return subprocess.run([sys.executable, SCRIPT, *fp32(args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return conftest.run_cli("test.py", *fp32(args), cwd=cwd)
 
 
 def translations(d):
@@ -376,24 +372,29 @@ def _generator_dtype(monkeypatch):
     return dtypes
 
 
-def test_amp_auto_is_the_default_and_uses_what_pick_precision_chooses_for_this_cpu(g3, tmp_path, capsys, monkeypatch):
+def test_amp_auto_is_the_default_and_translates_in_bf16_exactly_where_the_cpu_computes_it_natively(
+        g3, tmp_path, capsys, monkeypatch, cpu_bf16):
     ckpt, _ = g3
     random_image(12, 8).save(tmp_path / "in.png")
     dtypes = _generator_dtype(monkeypatch)
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--device", "cpu"], capsys,
                             fp32_default=False)
     assert code == 0, err
-    assert dtypes == [pick_precision("auto", torch.device("cpu"))[0] or torch.float32]
+    assert dtypes == [torch.bfloat16 if cpu_bf16 else torch.float32]
+    assert "warning" not in err
 
 
-def test_amp_bf16_warns_on_stderr_exactly_when_pick_precision_warns(g3, tmp_path, capsys):
+def test_amp_bf16_warns_on_stderr_exactly_where_the_cpu_emulates_bf16(g3, tmp_path, capsys, cpu_bf16):
     ckpt, _ = g3
     random_image(12, 8).save(tmp_path / "in.png")
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--device", "cpu",
                              "--amp", "bf16"], capsys)
     assert code == 0, err
-    warning = pick_precision("bf16", torch.device("cpu"))[1]
-    assert (warning in err) if warning else ("warning" not in err)
+    lines = err_lines(err)
+    if cpu_bf16:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith("warning: --amp bf16") and "emulated" in lines[0]
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is available here")
@@ -477,7 +478,7 @@ def modes_run(g3, g1, tmp_path_factory):
         out_dir = d / f"out{channels}"
         code = 0
         try:
-            tt.main(["--checkpoint", ckpt, "--image_path", str(d / "in"), "--output_dir", str(out_dir)])
+            tt.main(["--checkpoint", ckpt, "--image_path", str(d / "in"), "--output_dir", str(out_dir), "--amp", "none"])
         except SystemExit as e:
             code = e.code
         results[channels] = (code, out_dir)

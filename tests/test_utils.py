@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import utils
+from utils import cpu_info as real_cpu_info  # imported before conftest fakes utils.cpu_info
 from utils import LambdaLR, ReplayBuffer, load_checkpoint, save_atomic
 
 
@@ -404,10 +405,38 @@ def test_amp_fp16_on_the_cpu_is_one_line(capsys):
     assert "--amp fp16" in one_line_error(capsys)
 
 
-def test_cpu_info_reads_this_machines_flags():
-    name, flags = utils.cpu_info()
-    assert isinstance(name, str) and name
-    if os.path.exists("/proc/cpuinfo") and os.uname().machine == "x86_64":
-        with open("/proc/cpuinfo") as f:
-            first = next(line for line in f if line.startswith("flags"))
-        assert flags == set(first.split(":", 1)[1].split())
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse4_2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse4_2
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics bf16
+CPU implementer\t: 0x41
+"""
+
+
+@pytest.mark.parametrize("text,name,flags", [
+    (X86_CPUINFO, "Intel(R) Xeon(R) Platinum 8480+", {"fpu", "sse4_2", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+    (ARM_CPUINFO, None, {"fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "bf16"})])
+def test_cpu_info_reads_the_model_and_the_first_processors_flags(tmp_path, text, name, flags):
+    (tmp_path / "cpuinfo").write_text(text)
+    got_name, got_flags = real_cpu_info(str(tmp_path / "cpuinfo"))
+    assert got_flags == flags
+    assert got_name == name if name else isinstance(got_name, str) and got_name
+
+
+def test_cpu_info_without_a_cpuinfo_file_knows_no_flags(tmp_path):
+    name, flags = real_cpu_info(str(tmp_path / "missing"))
+    assert flags == set() and isinstance(name, str) and name
+
+
+def test_the_suite_fakes_the_hardware_report_so_auto_means_fp32_here(cpu_bf16):
+    """conftest.py's fake is what pick_precision sees, on every machine: both branches run."""
+    assert utils.pick_precision("auto", CPU) == ((torch.bfloat16 if cpu_bf16 else None), None)
+    dtype, warning = utils.pick_precision("bf16", CPU)
+    assert dtype == torch.bfloat16 and (warning is None) == cpu_bf16
