@@ -1,3 +1,25 @@
+"""The suite's shared set-up and helpers, and its rules.
+
+`--amp auto` trains in bf16 where the CPU computes bf16 natively and in fp32 elsewhere, so
+a test that left it to auto would check fp32 on one machine and bf16 on the next. Two
+rules keep every test's meaning the same on every machine:
+- In this process, the hardware report is faked (`no_native_bf16`, autouse): auto means
+  fp32 here, whatever the CPU. Tests about the choice itself take `cpu_bf16`, which runs
+  them once with a faked native-bf16 CPU and once without one, on every machine.
+- A script run in a subprocess cannot be faked, so every command line goes through
+  `cli_argv` (or `run_cli`/`start_cli`), which refuses a script that computes (it has
+  --amp) without an explicit precision other than auto. test_suite_rules.py checks that
+  no test starts a script any other way.
+
+What may be compared bitwise: two runs of the same code on the same inputs, with the same
+thread count and precision, in the same process or on the same machine (a resume against
+an uninterrupted run, a DDP run against its replay). Everything else (bf16 against fp32,
+a reordered sum, our FID against scipy's) is compared with a tolerance that holds for
+every CPU kind: rounding, not the code, decides those last bits. Tests that run bf16 on
+purpose (--amp bf16) hold for native and emulated bf16 alike, and stay tiny (emulated bf16
+is ~20x slower than fp32 on some CPUs). Nothing asserts a time, and a test that stops a run
+reads where the run got to after the signal, rather than assuming how far a CPU gets.
+"""
 import atexit
 import os
 import shutil
@@ -55,26 +77,6 @@ def main_in_process(monkeypatch, capsys):
         return code, out, err
     return call
 
-
-# -----------------------------------------------------------------------------
-# One precision per test, chosen by the test, never by the CPU.
-#
-# `--amp auto` trains in bf16 where the CPU computes bf16 natively and in fp32 elsewhere, so
-# a test that left it to auto would check fp32 on one machine and bf16 on the next. Two
-# rules keep every test's meaning the same on every machine:
-# - In this process, the hardware report is faked (`no_native_bf16`, autouse): auto means
-#   fp32 here, whatever the CPU. Tests about the choice itself take `cpu_bf16`, which runs
-#   them once with a faked native-bf16 CPU and once without one, on every machine.
-# - A script run in a subprocess cannot be faked, so every command line goes through
-#   `cli_argv` (or `run_cli`/`start_cli`), which refuses a script that computes (it has
-#   --amp) without an explicit precision other than auto. test_suite_rules.py checks that
-#   no test starts a script any other way.
-#
-# What may be compared bitwise: two runs of the same code on the same inputs, with the same
-# thread count and precision, in the same process or on the same machine (a resume against
-# an uninterrupted run, a DDP run against its replay). Everything else (bf16 against fp32,
-# a reordered sum, our FID against scipy's) is compared with a tolerance that holds for
-# every CPU kind: rounding, not the code, decides those last bits.
 
 PRECISION_SCRIPTS = ("cyclegan.py", "test.py", "evaluate.py", "bench.py")
 NO_NATIVE_BF16 = ("a CPU without native bf16 (faked by tests/conftest.py)", frozenset({"sse4_2", "avx2", "fma", "avx512f"}))
