@@ -314,7 +314,6 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
                "real_cached": real_cached}
     if pixel_errors:
         e = np.mean(pixel_errors, axis=0)
-        psnr = lambda mse: 10 * math.log10(1 / mse) if mse > 0 else float("inf")  # noqa: E731
         results.update(mae=float(e[0]), psnr=psnr(e[1]), mae_identity=float(e[2]), psnr_identity=psnr(e[3]), n_paired=len(pixel_errors))
     results["seconds"] = time.time() - t0
     return results
@@ -328,6 +327,11 @@ def infer_direction(checkpoint, generator=None):
     name = os.path.basename(checkpoint)
     m = re.search(r"G_(AB|BA)(?![A-Za-z])", name) or re.search(r"net_G_(A|B)(?![A-Za-z])", name)
     return None if m is None else "AtoB" if m.group(1) in ("AB", "A") else "BtoA"
+
+
+def psnr(mse):
+    """Peak signal-to-noise ratio in dB of a mean squared error of values in [0, 1]."""
+    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
 
 
 def fmt(r, prefix=""):

@@ -13,14 +13,11 @@ whole-image InstanceNorm statistics, so memory is set by the strip, not the imag
 """
 import argparse
 import glob
-import html
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
-import urllib.parse
 
 import numpy as np
 import torch
@@ -30,6 +27,7 @@ from tqdm import tqdm
 
 from datasets import IMG_EXTENSIONS, list_images, load_image, to_image, to_tensor
 from models import load_generator, translate
+from report import write_translations_page
 from tiling import NotEnoughTempSpace, translate_tiled
 from utils import die, pick_device, pick_precision
 
@@ -113,7 +111,7 @@ def main(argv=None):
         rows.append(row)
         if len(paths) > 1:
             print(f"[{k + 1}/{len(paths)}] {path} -> {os.path.join(opt.output_dir, row['output'])}", flush=True)
-    write_results_page(opt.output_dir, rows, failed, opt.reference_dir)
+    write_translations_page(opt.output_dir, rows, failed, opt.reference_dir)
     n_ok = len(rows)
     print(f"translated {n_ok} input{'s' if n_ok != 1 else ''} into {opt.output_dir} "
           f"({1000 * (time.time() - t0) / max(1, n_ok):.0f} ms/input); results page {os.path.join(opt.output_dir, 'index.html')}")
@@ -414,56 +412,6 @@ def translate_batch(G, batch, opt):
 
 # -----------------------------------------------------------------------------
 # The results page: output_dir/index.html, rewritten after each run
-
-def write_results_page(output_dir, rows, failed, reference_dir):
-    """A table of input | translation (| reference, MAE, PSNR) per translated input.
-    Every link is relative to the page, so it opens from disk without a server; it
-    is written to a temporary file and renamed, so a reader never sees half a page."""
-    def media(rel, kind):
-        src = urllib.parse.quote(rel.replace(os.sep, "/"))
-        if kind == "video" and not rel.lower().endswith((".gif", ".webp", ".png")):
-            return f'<video src="{src}" controls muted loop></video>'
-        return f'<a href="{src}"><img src="{src}" alt="{html.escape(os.path.basename(rel))}"></a>'
-
-    scored = reference_dir is not None
-    head = "<th>input</th><th>translation</th>" + ("<th>reference</th><th>MAE</th><th>PSNR</th>" if scored else "")
-    lines = []
-    for r in rows:
-        cells = [media(r["input"], r["kind"]), media(r["output"], r["kind"])]
-        if scored:
-            s = r.get("score")
-            cells += [media(r["reference"], "image") if r.get("reference") else "",
-                      f"{s[0]:.4f}" if s else "", f"{psnr(s[1]):.2f} dB" if s else ""]
-        caption = html.escape(r["output"]) + (f" ({r['frames']} frames)" if "frames" in r else "")
-        lines.append(f"<tr><td class=name colspan={len(cells)}>{caption}</td></tr>")
-        lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    note = f"<p>Not translated (unreadable): {html.escape(', '.join(failed))}</p>" if failed else ""
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>CycleGAN translations</title>
-<style>body{{font-family:sans-serif;margin:1em}} table{{border-collapse:collapse}}
-td,th{{padding:4px;vertical-align:top;text-align:left}} td.name{{padding-top:1em;font-size:90%;color:#444}}
-img,video{{max-width:400px;max-height:400px;min-width:96px;image-rendering:pixelated;border:1px solid #ccc}}</style>
-</head><body>
-<h1>CycleGAN translations</h1>
-<p>{len(rows)} input{'s' if len(rows) != 1 else ''}, written {time.strftime('%Y-%m-%d %H:%M:%S')}.
-Click an image for full size.</p>
-<table><tr>{head}</tr>
-{chr(10).join(lines)}
-</table>
-{note}
-</body></html>
-"""
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".index-", suffix=".html")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, os.path.join(output_dir, "index.html"))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 if __name__ == "__main__":
     main()

@@ -123,6 +123,13 @@ def save_atomic(obj, path):
         pass
 
 
+def write_text_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path, map_location="cpu"):
     """torch.load with weights_only=True, and one clear line for every way it can
     fail: missing file, truncated file, or a pickle that wants to run code."""
