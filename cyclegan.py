@@ -30,8 +30,8 @@ from datasets import (BUILTIN_DATASET, ImageDataset, UnpairedSampler, Unreadable
 from models import Discriminator, GeneratorResNet, clean_state_dict, weights_init_normal
 from report import (LOSS_NAMES, ResultsPage, TrainingLog, build_evaluator, evaluate_generators, keep_eval_rows_until,
                     record_evaluation, sample_images, tensorboard_writer)
-from utils import (LambdaLR, ReplayBuffer, StopSignal, autocast_context, check_finite_weights, die, load_checkpoint,
-                   load_training_state, pick_device, pick_precision, save_atomic, save_training_state)
+from utils import (LambdaLR, ReplayBuffer, StopSignal, TrainingState, autocast_context, check_finite_weights, clean_killed_saves,
+                   die, load_checkpoint, pick_device, pick_precision, save_atomic)
 
 # Flags that may differ between a run and its --resume: they change neither the model, nor
 # the data order, nor the algorithm. A resumed run is bitwise the run it continues when it
@@ -302,22 +302,20 @@ def load_epoch_weights(nets, model_dir, epoch, device):
 
 
 def restore(opt, resume_state, training, device, procs, model_dir):
-    """Where training starts: (epoch, batch)."""
-    nets, optimizers, schedulers, buffers, scaler = training
+    """Where training starts: a saved run's position and state (--resume), or the seed's
+    per-epoch weights (--epoch N), or nothing."""
     if resume_state is None:
         if opt.epoch > 0:
-            load_epoch_weights(nets, model_dir, opt.epoch, device)
-        return opt.epoch, 0
-    epoch, batch = load_training_state(resume_state, nets, optimizers, schedulers, buffers, scaler, adam_options(device),
-                                       procs.rank, procs.world_size, device)
+            load_epoch_weights(training.nets, model_dir, opt.epoch, device)
+        return
+    training.load_state_dict(resume_state, adam_options(device), procs.rank, procs.world_size, device)
     if procs.master:
-        print(f"resuming from {opt.resume}: epoch {epoch}, batch {batch}")
+        print(f"resuming from {opt.resume}: epoch {training.epoch}, batch {training.batch}")
         was = resume_state.get("device_type"), resume_state.get("precision")
-        now = device.type, precision_name(pick_precision(opt.amp, device)[0])
+        now = training.device_type, training.precision
         if was[0] is not None and was != now:
             print(f"note: last.pt was trained on {was[0]} in {was[1]}, this run is on {now[0]} in {now[1]}: it continues "
                   f"the run, but not bitwise as an uninterrupted run would", file=sys.stderr)
-    return epoch, batch
 
 
 def precision_name(dtype):
@@ -326,12 +324,12 @@ def precision_name(dtype):
 
 def networks_for_step(nets, opt, device, procs):
     """The networks as train_step calls them: compiled (--compile), then wrapped in DDP."""
-    step_nets = list(nets.values())
+    step_nets = dict(nets)
     if opt.compile:
-        step_nets = [torch.compile(net, mode=None if opt.compile == "default" else opt.compile) for net in step_nets]
+        step_nets = {name: torch.compile(net, mode=None if opt.compile == "default" else opt.compile) for name, net in step_nets.items()}
     if procs.ddp:
-        step_nets = [DDP(net, device_ids=[device.index] if device.type == "cuda" else None) for net in step_nets]
-    return tuple(step_nets)
+        step_nets = {name: DDP(net, device_ids=[device.index] if device.type == "cuda" else None) for name, net in step_nets.items()}
+    return step_nets
 
 
 # -----------------------------------------------------------------------------
@@ -363,11 +361,11 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
     order and with its loss averaging. Returns the losses (LOSS_NAMES) as detached
     tensors: fetching them to the host is left to the caller, so nothing here syncs.
 
-    nets = (G_AB, G_BA, D_A, D_B), optimizers = (optimizer_G, optimizer_D_A, optimizer_D_B),
-    buffers = (fake_A_buffer, fake_B_buffer)."""
-    G_AB, G_BA, D_A, D_B = nets
-    optimizer_G, optimizer_D_A, optimizer_D_B = optimizers
-    fake_A_buffer, fake_B_buffer = buffers
+    nets: {"G_AB", "G_BA", "D_A", "D_B"}; optimizers: {"optimizer_G", "optimizer_D_A",
+    "optimizer_D_B"}; buffers: {"fake_A", "fake_B"} (ReplayBuffers of earlier fakes)."""
+    G_AB, G_BA, D_A, D_B = nets["G_AB"], nets["G_BA"], nets["D_A"], nets["D_B"]
+    optimizer_G, optimizer_D_A, optimizer_D_B = optimizers["optimizer_G"], optimizers["optimizer_D_A"], optimizers["optimizer_D_B"]
+    fake_A_buffer, fake_B_buffer = buffers["fake_A"], buffers["fake_B"]
     n = real_A.size(0)
 
     # ------------------
@@ -417,22 +415,19 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
 
 
 # -----------------------------------------------------------------------------
-# Saving
+# Saving, and what rank 0 reports
 
-def save_last(opt, model_dir, epoch, batch, iteration, training, log, procs, run_state):
-    """last.pt, to continue after `iteration`, once the losses logged so far and the weights
-    are known to be finite."""
-    nets, optimizers, schedulers, buffers, scaler = training
-    if log is not None:
-        log.flush()
-        check_finite_weights(nets, iteration, model_dir)
-    save_training_state(os.path.join(model_dir, "last.pt"), opt, epoch, batch, nets, optimizers, schedulers, buffers, scaler,
-                        run_state, procs.group)
+def save_last(training, report, model_dir, iteration, procs):
+    """last.pt, to continue after `iteration` from training.epoch/batch, once the losses
+    logged so far and the weights are known to be finite."""
+    if procs.master:
+        report.log.flush()
+        check_finite_weights(training.nets, iteration, model_dir)
+    training.save(os.path.join(model_dir, "last.pt"), procs.group)
 
 
-def save_epoch_weights(nets, model_dir, done, iteration):
+def save_epoch_weights(nets, model_dir, done):
     # named by the number of epochs done, so --epoch N resumes after them
-    check_finite_weights(nets, iteration, model_dir)
     for name, net in nets.items():
         save_atomic(net.state_dict(), os.path.join(model_dir, f"{name}_{done}.pth"))
 
@@ -442,12 +437,59 @@ def every(interval, count):
     return interval > 0 and count % interval == 0
 
 
-def stop_after_signal(opt, model_dir, epoch, batch, iteration, training, log, procs, run_state, signum):
-    save_last(opt, model_dir, epoch, batch, iteration, training, log, procs, run_state)
-    if log is not None:
-        log.close()
-        print(f"saved {model_dir}/last.pt at epoch {epoch}, batch {batch}; continue with: "
-              f"python cyclegan.py --dataset_name {opt.dataset_name} --resume", file=sys.stderr)
+def start_report(opt, data_root, device, dataset, n_batches, training, model_dir, procs):
+    """What rank 0 writes beside the weights: log.csv and the progress line, the results
+    page, TensorBoard, and the FID evaluator (None where not asked for). Other ranks: None."""
+    if not procs.master:
+        return None
+    done = training.epoch * n_batches + training.batch
+    report = SimpleNamespace(evaluator=build_evaluator(opt, data_root, device),
+                             writer=tensorboard_writer(opt) if opt.tensorboard else None)
+    clean_killed_saves(model_dir)
+    report.log = TrainingLog(os.path.join(model_dir, "log.csv"), opt.n_epochs * n_batches, done, opt.log_interval, model_dir,
+                             report.writer)
+    keep_eval_rows_until(model_dir, training.epoch)
+    report.page = ResultsPage(os.path.join("images", opt.dataset_name), opt, n_batches, model_dir)
+    print(f"training on {device} ({training.precision}) x {procs.world_size} process(es): "
+          f"{len(dataset.files_A)} A / {len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} per epoch "
+          f"and process, epochs {training.epoch}..{opt.n_epochs - 1}, seed {opt.seed}")
+    return report
+
+
+def show_samples(report, fixed_A, fixed_B, nets, autocast, opt, iteration):
+    grid = sample_images(f"images/{opt.dataset_name}/{iteration}.png", fixed_A, fixed_B, nets["G_AB"], nets["G_BA"], autocast)
+    report.page.update()
+    if report.writer is not None:
+        report.writer.add_image("samples", grid, iteration)
+
+
+def end_of_epoch(training, report, model_dir, n_batches, device, procs):
+    """The learning rates step; then last.pt first, since it is what lets a run go on, then
+    the per-epoch weights and the evaluation at their intervals (and last.pt again after an
+    evaluation, to carry its best FIDs), and the results page."""
+    opt, done = training.opt, training.epoch
+    for scheduler in training.schedulers.values():
+        scheduler.step()
+    last_iteration = done * n_batches - 1
+    # (under torchrun the other processes wait for rank 0 in these saves' gather)
+    save_last(training, report, model_dir, last_iteration, procs)
+    if procs.master and (done == opt.n_epochs or every(opt.checkpoint_interval, done)):
+        save_epoch_weights(training.nets, model_dir, done)
+    if opt.eval_interval > 0 and (done == opt.n_epochs or every(opt.eval_interval, done)):
+        if procs.master:
+            results = evaluate_generators(report.evaluator, training.nets, device)
+            record_evaluation(results, done, last_iteration, training.nets, model_dir, training.best_fid, report.writer)
+        save_last(training, report, model_dir, last_iteration, procs)
+    if procs.master:
+        report.page.update(replot=True)
+
+
+def stop_after_signal(training, report, model_dir, iteration, procs, signum):
+    save_last(training, report, model_dir, iteration, procs)
+    if procs.master:
+        report.log.close()
+        print(f"saved {model_dir}/last.pt at epoch {training.epoch}, batch {training.batch}; continue with: "
+              f"python cyclegan.py --dataset_name {training.opt.dataset_name} --resume", file=sys.stderr)
     if procs.ddp:
         dist.destroy_process_group()
     sys.exit(128 + signum)
@@ -466,30 +508,18 @@ def main(argv=None):
     fixed_A, fixed_B = (x.to(device) for x in fixed_samples(data_root, opt.img_height, opt.img_width, opt.channels))
     nets = build_networks(opt, device)
     optimizers, schedulers = build_optimizers(opt, nets, device)
-    buffers = (ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * procs.rank), ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * procs.rank + 1))
-    training = (nets, optimizers, schedulers, buffers, scaler)
-    start_epoch, start_batch = restore(opt, resume_state, training, device, procs, model_dir)
+    buffers = {"fake_A": ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * procs.rank),
+               "fake_B": ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * procs.rank + 1)}
+    training = TrainingState(opt, nets, optimizers, schedulers, buffers, scaler, device.type, precision_name(dtype))
+    restore(opt, resume_state, training, device, procs, model_dir)
     step_nets = networks_for_step(nets, opt, device, procs)
-    # carried in last.pt beside the training state: what a resume is compared with, and the best FIDs so far
-    run_state = {"device_type": device.type, "precision": precision_name(dtype),
-                 "best_fid": (resume_state or {}).get("best_fid", {})}
 
     n_batches = len(dataloader)
     stop = StopSignal(f"finishing this batch and saving {model_dir}/last.pt ..." if procs.master else None, procs.group)
     unreadable = UnreadableFiles(dataset)
-    log = page = writer = evaluator = None
-    if procs.master:  # rank 0 alone writes, prints and evaluates
-        evaluator = build_evaluator(opt, data_root, device)
-        writer = tensorboard_writer(opt) if opt.tensorboard else None
-        clean_killed_saves(model_dir)
-        log = TrainingLog(os.path.join(model_dir, "log.csv"), opt.n_epochs * n_batches, start_epoch * n_batches + start_batch,
-                          opt.log_interval, model_dir, writer)
-        keep_eval_rows_until(model_dir, start_epoch)
-        page = ResultsPage(os.path.join("images", opt.dataset_name), opt, n_batches, model_dir)
-        print(f"training on {device} ({precision_name(dtype)}) x {procs.world_size} process(es): "
-              f"{len(dataset.files_A)} A / {len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} per epoch "
-              f"and process, epochs {start_epoch}..{opt.n_epochs - 1}, seed {opt.seed}")
+    report = start_report(opt, data_root, device, dataset, n_batches, training, model_dir, procs)
 
+    start_epoch, start_batch = training.epoch, training.batch
     for epoch in range(start_epoch, opt.n_epochs):
         first = start_batch if epoch == start_epoch else 0
         sampler.set_epoch(epoch)
@@ -500,51 +530,27 @@ def main(argv=None):
                 unreadable.add(batch["bad"])
             real_A = batch["A"].to(device, non_blocking=True)
             real_B = batch["B"].to(device, non_blocking=True)
-            losses = train_step(real_A, real_B, step_nets, tuple(optimizers.values()), buffers,
-                                opt.lambda_cyc, opt.lambda_id, autocast, scaler)
+            losses = train_step(real_A, real_B, step_nets, optimizers, buffers, opt.lambda_cyc, opt.lambda_id, autocast, scaler)
             iteration = epoch * n_batches + i
-            if log is not None:
-                log.add(epoch, i, iteration, losses, lr)
-            if procs.master and every(opt.sample_interval, iteration):
-                grid = sample_images(f"images/{opt.dataset_name}/{iteration}.png", fixed_A, fixed_B, nets["G_AB"], nets["G_BA"], autocast)
-                page.update()
-                if writer is not None:
-                    writer.add_image("samples", grid, iteration)
+            training.epoch, training.batch = epoch, i + 1  # where a save from here on continues
+            if procs.master:
+                report.log.add(epoch, i, iteration, losses, lr)
+                if every(opt.sample_interval, iteration):
+                    show_samples(report, fixed_A, fixed_B, nets, autocast, opt, iteration)
             if every(opt.save_latest_interval, iteration + 1):
-                save_last(opt, model_dir, epoch, i + 1, iteration, training, log, procs, run_state)
+                save_last(training, report, model_dir, iteration, procs)
             if stop.agreed():
-                stop_after_signal(opt, model_dir, epoch, i + 1, iteration, training, log, procs, run_state, stop.signum)
-        for scheduler in schedulers.values():
-            scheduler.step()
-        done = epoch + 1
-        if procs.master and (done == opt.n_epochs or every(opt.checkpoint_interval, done)):
-            log.flush()
-            save_epoch_weights(nets, model_dir, done, done * n_batches - 1)
-        if evaluator is not None and (done == opt.n_epochs or every(opt.eval_interval, done)):
-            log.flush()
-            check_finite_weights(nets, done * n_batches - 1, model_dir)
-            results = evaluate_generators(evaluator, nets, device)
-            record_evaluation(results, done, done * n_batches - 1, nets, model_dir, run_state["best_fid"], writer)
-        if page is not None:
-            page.update(replot=True)
-        # (under torchrun the other processes wait for rank 0's evaluation in this save's gather)
-        save_last(opt, model_dir, done, 0, done * n_batches - 1, training, log, procs, run_state)
+                stop_after_signal(training, report, model_dir, iteration, procs, stop.signum)
+        training.epoch, training.batch = epoch + 1, 0
+        end_of_epoch(training, report, model_dir, n_batches, device, procs)
 
     if procs.ddp:
         dist.destroy_process_group()
-    if log is not None:
-        log.close()
-        if writer is not None:
-            writer.close()
+    if procs.master:
+        report.log.close()
+        if report.writer is not None:
+            report.writer.close()
         print(f"done: weights in {model_dir}/, samples in images/{opt.dataset_name}/ (index.html)")
-
-
-def clean_killed_saves(model_dir):
-    """Temporary files of a save that was killed midway."""
-    if os.path.isdir(model_dir):
-        for f in os.listdir(model_dir):
-            if f.startswith(".tmp-") and f.endswith(".pt"):
-                os.remove(os.path.join(model_dir, f))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,14 @@ def write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
+def clean_killed_saves(folder):
+    """The temporary files save_atomic leaves behind when it is killed midway."""
+    if os.path.isdir(folder):
+        for f in os.listdir(folder):
+            if f.startswith(".tmp-") and f.endswith(".pt"):
+                os.remove(os.path.join(folder, f))
+
+
 def load_checkpoint(path, map_location="cpu"):
     """torch.load with weights_only=True, and one clear line for every way it can
     fail: missing file, truncated file, or a pickle that wants to run code."""
@@ -180,55 +188,77 @@ def check_finite_weights(nets, iteration, model_dir):
             f"(the last good state is {model_dir}/last.pt). Try a lower --lr or --amp none")
 
 
-def save_training_state(path, opt, epoch, batch, nets, optimizers, schedulers, buffers, scaler=None, extra=None, group=None):
-    """Write `path` (last.pt) atomically: networks, optimizers, schedulers, the replay buffers
-    of every process, the GradScaler, (epoch, batch) to continue from, the RNG states and the
-    arguments. Under DDP every process calls this (each hands over its replay buffers, over
-    the CPU `group`) and rank 0 writes. `extra` holds anything else to carry over (the best FID)."""
-    fake_A_buffer, fake_B_buffer = buffers
-    all_buffers = [(fake_A_buffer.state_dict(), fake_B_buffer.state_dict())]
-    if dist.is_initialized():
-        all_buffers = [None] * dist.get_world_size()
-        dist.all_gather_object(all_buffers, (fake_A_buffer.state_dict(), fake_B_buffer.state_dict()), group=group)
-        if dist.get_rank() != 0:
-            return
-    state = {"args": vars(opt), "epoch": epoch, "batch": batch, "rng": rng_state(), "replay_buffers": all_buffers,
-             "scaler": scaler.state_dict() if scaler is not None else None, **(extra or {})}
-    state.update({name: net.state_dict() for name, net in nets.items()})
-    state.update({name: o.state_dict() for name, o in optimizers.items()})
-    state.update({"scheduler_" + name: s.state_dict() for name, s in schedulers.items()})
-    try:
-        save_atomic(state, path)
-    except (OSError, RuntimeError) as e:  # disk full, quota, file size limit, ... (torch reports some as RuntimeError)
-        die(f"could not write {path} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-            f"the previous one, if any, is intact: free some space, then continue with --resume")
+class TrainingState:
+    """Everything --resume needs to continue a run exactly, under one name: the networks,
+    their optimizers and learning-rate schedulers, the replay buffers, the GradScaler (fp16),
+    the position (epoch, and batch within it, to continue from), and what the run carries
+    beside them: the best FID of each generator so far (best_G_*.pth), and the device type
+    and precision it trained in, which a resume is compared with. state_dict() is the
+    content of last.pt (with the arguments and the RNG states); load_state_dict() restores
+    it. Under DDP every process holds its own replay buffers: save() gathers them."""
 
+    def __init__(self, opt, nets, optimizers, schedulers, buffers, scaler=None, device_type="cpu", precision="fp32"):
+        self.opt, self.nets, self.optimizers, self.schedulers = opt, nets, optimizers, schedulers
+        self.buffers, self.scaler = buffers, scaler  # buffers: {"fake_A": ReplayBuffer, "fake_B": ReplayBuffer}
+        self.epoch, self.batch = opt.epoch, 0
+        self.best_fid = {}
+        self.device_type, self.precision = device_type, precision
 
-def load_training_state(state, nets, optimizers, schedulers, buffers, scaler=None, optimizer_options=None,
-                        rank=0, world_size=1, device="cpu"):
-    """Restore what save_training_state wrote; returns (epoch, batch) to continue from.
-    `optimizer_options` (fused/foreach) are those of the device in use now: a state saved on
-    CUDA would otherwise carry fused=True into a CPU optimizer."""
-    for name, net in nets.items():
-        net.load_state_dict(state[name])
-    for name, o in optimizers.items():
-        o.load_state_dict(state[name])
-        for group in o.param_groups:
-            group.update(optimizer_options or {})
-    for name, s in schedulers.items():
-        s.load_state_dict(state["scheduler_" + name])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    saved_buffers = state["replay_buffers"]  # one (A, B) pair per process of the saved run
-    epoch, batch = state["epoch"], state["batch"]
-    if len(saved_buffers) != world_size and batch != 0:
-        die(f"--resume: last.pt was saved mid-epoch by {len(saved_buffers)} process(es), and this run has {world_size}; "
-            f"the rest of that epoch cannot be split the same way. Resume with {len(saved_buffers)} process(es), "
-            f"or from a last.pt saved at the end of an epoch")
-    for buffer, buffer_state in zip(buffers, saved_buffers[rank % len(saved_buffers)]):  # round robin if fewer
-        buffer.load_state_dict(buffer_state, device)
-    set_rng_state(state["rng"])
-    return epoch, batch
+    def buffer_states(self):
+        return self.buffers["fake_A"].state_dict(), self.buffers["fake_B"].state_dict()
+
+    def state_dict(self, replay_buffers=None):
+        """`replay_buffers`: the (fake_A, fake_B) buffer states of every process (DDP);
+        by default this process's alone."""
+        state = {"args": vars(self.opt), "epoch": self.epoch, "batch": self.batch, "rng": rng_state(),
+                 "replay_buffers": replay_buffers or [self.buffer_states()],
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "best_fid": self.best_fid, "device_type": self.device_type, "precision": self.precision}
+        state.update({name: net.state_dict() for name, net in self.nets.items()})
+        state.update({name: o.state_dict() for name, o in self.optimizers.items()})
+        state.update({"scheduler_" + name: s.state_dict() for name, s in self.schedulers.items()})
+        return state
+
+    def load_state_dict(self, state, optimizer_options=None, rank=0, world_size=1, device="cpu"):
+        """`optimizer_options` (fused/foreach) are those of the device in use now: a state saved
+        on CUDA would otherwise carry fused=True into a CPU optimizer."""
+        for name, net in self.nets.items():
+            net.load_state_dict(state[name])
+        for name, o in self.optimizers.items():
+            o.load_state_dict(state[name])
+            for group in o.param_groups:
+                group.update(optimizer_options or {})
+        for name, s in self.schedulers.items():
+            s.load_state_dict(state["scheduler_" + name])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        saved_buffers = state["replay_buffers"]  # one (A, B) pair per process of the saved run
+        if len(saved_buffers) != world_size and state["batch"] != 0:
+            die(f"--resume: last.pt was saved mid-epoch by {len(saved_buffers)} process(es), and this run has {world_size}; "
+                f"the rest of that epoch cannot be split the same way. Resume with {len(saved_buffers)} process(es), "
+                f"or from a last.pt saved at the end of an epoch")
+        fake_A, fake_B = saved_buffers[rank % len(saved_buffers)]  # round robin if fewer
+        self.buffers["fake_A"].load_state_dict(fake_A, device)
+        self.buffers["fake_B"].load_state_dict(fake_B, device)
+        set_rng_state(state["rng"])
+        self.epoch, self.batch = state["epoch"], state["batch"]
+        self.best_fid = dict(state.get("best_fid", {}))
+
+    def save(self, path, group=None):
+        """Write `path` (last.pt) atomically. Under DDP every process calls this (each hands
+        over its replay buffers, over the CPU `group`) and rank 0 writes."""
+        replay_buffers = None
+        if dist.is_initialized():
+            replay_buffers = [None] * dist.get_world_size()
+            dist.all_gather_object(replay_buffers, self.buffer_states(), group=group)
+            if dist.get_rank() != 0:
+                return
+        state = self.state_dict(replay_buffers)
+        try:
+            save_atomic(state, path)
+        except (OSError, RuntimeError) as e:  # disk full, quota, file size limit, ... (torch reports some as RuntimeError)
+            die(f"could not write {path} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+                f"the previous one, if any, is intact: free some space, then continue with --resume")
 
 
 class StopSignal:
