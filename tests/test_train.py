@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import reference_step
+from reference import reference_step
 from cyclegan import train_step
 from models import Discriminator, GeneratorResNet, weights_init_normal
 from utils import ReplayBuffer
