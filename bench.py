@@ -105,7 +105,7 @@ def build_step(opt, device):
     train_opt = cyclegan.get_parser().parse_args([])  # cyclegan.py's defaults: lr, betas, losses, pool size
     train_opt.img_height = train_opt.img_width = opt.img_size
     train_opt.n_residual_blocks, train_opt.amp, train_opt.compile = opt.n_residual_blocks, opt.amp, opt.compile
-    procs = SimpleNamespace(ddp=False, master=True, rank=0, world_size=1)
+    procs = SimpleNamespace(ddp=False, master=True)  # one process, which prints
     torch.manual_seed(0)
     nets = cyclegan.build_networks(train_opt, device)
     memory_format = torch.channels_last if opt.channels_last else torch.contiguous_format

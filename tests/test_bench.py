@@ -34,8 +34,10 @@ def test_one_configuration_prints_its_median_and_the_profilers_top_operators(cap
 
 
 def test_rows_each_run_in_their_own_process_and_the_table_gives_speeds_and_ratios():
-    r = run_cli("bench.py", *TINY, "--amp", "none", "--rows", "default,fp32+channels_last")
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("bench.py", *TINY, "--amp", "none", "--rows", "default,fp32+channels_last,fp16")
+    # a row that cannot run (fp16 needs a GPU) says why, and the others still make the table
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "error: --amp fp16 needs a GPU" in r.stdout and r.stdout.endswith("\nfailed rows: fp16\n")
     # each row is this command with its options in place of the flags given
     assert "---- default: bench.py --img_size=32 --batch_size=1 --n_residual_blocks=1 --device=cpu --iters=2 --warmup=0 " \
            "--amp=none\n" in r.stdout
