@@ -4,7 +4,7 @@
 #
 #   env          the GPU, its compute capability, the CPU flags, what --amp auto picks
 #   equivalence  the training step on CUDA (fp32 with and without TF32, bf16, compiled with
-#                CUDA graphs) against float64 on the CPU, from the same state (bench.py --equivalence)
+#                CUDA graphs) against float64 on the CPU, from the same state (tests/test_equivalence.py)
 #   train        50 iterations on the built-in data (a 50-image copy) with --amp none, bf16, fp16
 #   sigterm      SIGTERM in the middle of a run, then --resume to the end
 #   translate    test.py on CUDA with the weights just trained
@@ -12,8 +12,8 @@
 #   ddp          2-process DDP with torchrun (NCCL), if there are 2 GPUs
 #   compiled     50 iterations with --compile for each precision, and with --compile reduce-overhead
 #                (started first, beside the checks above, which check results, not speed)
-#   bench        the speed table at 256x256, batch 1, 9 blocks: the seed's step, fp32, default, bf16,
-#                bf16+channels_last, bf16+compile, bf16+cudagraphs, with peak memory (bench.py), alone, last
+#   bench        the speed table at 256x256, batch 1, 9 blocks: fp32, default (--amp auto), bf16+channels_last,
+#                bf16+compile, bf16+cudagraphs, with peak memory (bench.py --rows), alone, last
 #
 #   bash scripts/gpu_check.sh                    # on the GPU machine; with OUT set, the log is also $OUT/gpu_check.log
 #   DRY=1 bash scripts/gpu_check.sh              # the same sequence on the CPU at tiny sizes (tests/test_gpu_check.py)
@@ -26,17 +26,16 @@ PY=${PYTHON:-python}
 DRY=${DRY:-0}
 if [ "$DRY" = 1 ]; then
     # CPU, tiny: 32x32, 1 block, 4 images a domain; fp32 only (bf16 is emulated, slow, on CPUs without
-    # avx512_bf16; fp16 needs a GPU); no compilation (minutes on a CPU)
-    DEVICE=cpu SIZE=32 BLOCKS=1 N_TRAIN=4 N_TEST=2 LONG_EPOCHS=3 STOP_AFTER=4 WORKERS=1 PRECISIONS="none" BUDGET=${BUDGET:-600}
-    EQUIVALENCE=(--img_size 32 --n_residual_blocks 1 --equivalence_steps 2)
-    BENCH=(--img_size 32 --n_residual_blocks 1 --iters 1 --warmup 0 --no_peak --rows reference,default,bf16+cudagraphs)
+    # avx512_bf16; fp16 needs a GPU); no compilation (minutes on a CPU). AMP: the precision of the
+    # checks that are not about precision, fp32 here so that the CPU never chooses it (the tests run this)
+    DEVICE=cpu SIZE=32 BLOCKS=1 N_TRAIN=4 N_TEST=2 LONG_EPOCHS=3 STOP_AFTER=4 WORKERS=1 PRECISIONS="none" AMP=none BUDGET=${BUDGET:-600}
+    BENCH=(--img_size 32 --n_residual_blocks 1 --iters 1 --warmup 0 --amp none --rows default,channels_last)
 else
     # 128x128 and 3 blocks for the trainings: small enough that the compiled runs fit the
     # budget; the speed table is at the paper's 256x256 with 9 blocks
-    DEVICE=cuda SIZE=128 BLOCKS=3 N_TRAIN=50 N_TEST=8 LONG_EPOCHS=8 STOP_AFTER=10 WORKERS=2 PRECISIONS="none bf16 fp16" BUDGET=${BUDGET:-470}
-    EQUIVALENCE=(--img_size 64 --n_residual_blocks 2 --equivalence_steps 5 --compile reduce-overhead)
-    BENCH=(--img_size 256 --n_residual_blocks 9 --iters 20 --warmup 2
-           --rows reference,fp32,default,bf16,bf16+channels_last,bf16+compile,bf16+cudagraphs)
+    DEVICE=cuda SIZE=128 BLOCKS=3 N_TRAIN=50 N_TEST=8 LONG_EPOCHS=8 STOP_AFTER=10 WORKERS=2 PRECISIONS="none bf16 fp16" AMP=auto BUDGET=${BUDGET:-470}
+    BENCH=(--img_size 256 --n_residual_blocks 9 --iters 20 --warmup 2 --amp auto
+           --rows fp32,default,bf16+channels_last,bf16+compile,bf16+cudagraphs)
 fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 DATA=$WORK/data
@@ -117,7 +116,7 @@ sigterm_resume() (  # SIGTERM once STOP_AFTER iterations are logged; then --resu
     total=$((LONG_EPOCHS * N_TRAIN))
     # (timeout is the background job, and passes the signal on; --foreground: to the run only, not
     # again to its process group, since a second SIGTERM would make the run quit without saving)
-    timeout --foreground -k 10 "$(left)" "$PY" "$ROOT/cyclegan.py" "${TRAIN[@]}" --n_epochs "$LONG_EPOCHS" >run1.log 2>&1 &
+    timeout --foreground -k 10 "$(left)" "$PY" "$ROOT/cyclegan.py" "${TRAIN[@]}" --n_epochs "$LONG_EPOCHS" --amp "$AMP" >run1.log 2>&1 &
     pid=$!
     until [ "$(cat "$MODELS/log.csv" 2>/dev/null | wc -l)" -gt "$STOP_AFTER" ] || ! kill -0 $pid 2>/dev/null; do
         sleep 0.1
@@ -129,7 +128,7 @@ sigterm_resume() (  # SIGTERM once STOP_AFTER iterations are logged; then --resu
     [ $rc -eq 143 ] || { echo "expected exit 143 (128 + SIGTERM) after the signal, got $rc"; exit 1; }
     grep -q "^saved $MODELS/last.pt at epoch" run1.log || { echo "the run did not stop and save after SIGTERM"; exit 1; }
     echo "interrupted after $(($(wc -l < "$MODELS/log.csv") - 1)) of $total iterations; resuming"
-    py "$ROOT/cyclegan.py" --dataset_name synthetic_day2night --resume --device "$DEVICE" || exit 1
+    py "$ROOT/cyclegan.py" --dataset_name synthetic_day2night --resume --device "$DEVICE" --amp "$AMP" || exit 1
     test -s "$MODELS/G_AB_$LONG_EPOCHS.pth" || { echo "no final weights $MODELS/G_AB_$LONG_EPOCHS.pth"; exit 1; }
     # each iteration logged once, in order, across the interruption
     rows=$(awk -F, 'NR > 1 { if ($3 != n) bad = 1; n++ } END { print (bad ? "out of order" : n) }' "$MODELS/log.csv")
@@ -139,7 +138,7 @@ sigterm_resume() (  # SIGTERM once STOP_AFTER iterations are logged; then --resu
 translate() {
     local out=$WORK/translated n
     py "$ROOT/test.py" --checkpoint "$WORK/fp32/$MODELS/G_AB_1.pth" --image_path "$DATA/testA" \
-        --reference_dir "$DATA/testB" --output_dir "$out" --device "$DEVICE" || return 1
+        --reference_dir "$DATA/testB" --output_dir "$out" --device "$DEVICE" --amp "$AMP" || return 1
     for f in "$DATA"/testA/*.png; do
         test -s "$out/${f##*/}" || { echo "no translation $out/${f##*/} of $f"; return 1; }
     done
@@ -147,11 +146,11 @@ translate() {
 
 evaluate() {
     py "$ROOT/evaluate.py" --checkpoint "$WORK/fp32/$MODELS/G_AB_1.pth" --dataset_name synthetic_day2night \
-        --data_root "$DATA" --cache_dir "$WORK/fid-cache" --device "$DEVICE"
+        --data_root "$DATA" --cache_dir "$WORK/fid-cache" --device "$DEVICE" --amp none
 }
 
 ddp() (
-    in_dir "$WORK/ddp" && py -m torch.distributed.run --standalone --nproc_per_node=2 "$ROOT/cyclegan.py" "${TRAIN[@]}" &&
+    in_dir "$WORK/ddp" && py -m torch.distributed.run --standalone --nproc_per_node=2 "$ROOT/cyclegan.py" "${TRAIN[@]}" --amp "$AMP" &&
         test -s "$MODELS/G_AB_1.pth"
 )
 
@@ -160,12 +159,17 @@ main() {
     echo "gpu_check: $([ "$DRY" = 1 ] && echo 'DRY (CPU, tiny sizes)' || echo GPU), budget $BUDGET s, work in $WORK, $(date -u +%FT%TZ)"
     command -v nvidia-smi >/dev/null && nvidia-smi
     check env py -c "
-import sys, torch, bench
+import sys, torch, bench, utils
 device = torch.device('$DEVICE')
 print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.device_count(), 'GPU(s)')
 if device.type == 'cuda' and not torch.cuda.is_available():
     sys.exit('no CUDA device: run DRY=1 bash scripts/gpu_check.sh on a machine without one')
-print('\n'.join(bench.describe_hardware(device)))
+name, flags = utils.cpu_info()
+print('CPU:', name, '| native bf16:', ' '.join(f for f in utils.NATIVE_BF16_FLAGS if f in flags) or 'none')
+if device.type == 'cuda':
+    p = torch.cuda.get_device_properties(device)
+    print(f'GPU: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB')
+print('--amp auto picks here, on', device.type + ':', bench.precision_label('auto', device))
 from datasets import make_day2night
 make_day2night('$DATA', n_train=$N_TRAIN, n_test=$N_TEST)
 print('built-in data ($N_TRAIN training images a domain, $N_TEST test) in $DATA')" ||
@@ -183,7 +187,8 @@ print('built-in data ($N_TRAIN training images a domain, $N_TEST test) in $DATA'
             start bf16-reduce-overhead --amp bf16 --compile reduce-overhead
         fi
     fi
-    want equivalence && check equivalence py bench.py --equivalence --device "$DEVICE" "${EQUIVALENCE[@]}"
+    # (pytest's options of tests/ left out: this needs no parallel workers; without a GPU only the CPU's fp32 runs)
+    want equivalence && check equivalence py -m pytest -q -s -rs -o addopts= -p no:cacheprovider tests/test_equivalence.py
     if want train || want translate || want evaluate; then
         local runs=()
         for p in $PRECISIONS; do runs+=("$(name "$p")"); start "$(name "$p")" --amp "$p"; done
@@ -211,7 +216,7 @@ print('built-in data ($N_TRAIN training images a domain, $N_TEST test) in $DATA'
         fi
     fi
     [ ${#compiled[@]} -gt 0 ] && finish "${compiled[@]}"
-    want bench && check "speed table" py bench.py --device "$DEVICE" --no_profile "${BENCH[@]}"
+    want bench && check "speed table" py bench.py --device "$DEVICE" "${BENCH[@]}"
 
     echo "---- summary ($SECONDS s)"
     if [ ${#FAILED[@]} -eq 0 ]; then

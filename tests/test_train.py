@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import reference_step
 from conftest import fp32, run_cli
 from cyclegan import train_step
 from models import Discriminator, GeneratorResNet, weights_init_normal
+from reference import reference_step
 from utils import ReplayBuffer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
