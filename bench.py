@@ -112,12 +112,12 @@ def build_step(opt, device):
     for net in nets.values():
         net.to(memory_format=memory_format)
     optimizers, _ = cyclegan.build_optimizers(train_opt, nets, device)
-    buffers = (ReplayBuffer(train_opt.pool_size, seed=1), ReplayBuffer(train_opt.pool_size, seed=2))
+    buffers = {"fake_A": ReplayBuffer(train_opt.pool_size, seed=1), "fake_B": ReplayBuffer(train_opt.pool_size, seed=2)}
     _, autocast, scaler = cyclegan.setup_precision(train_opt, device, procs)
     step_nets = cyclegan.networks_for_step(nets, train_opt, device, procs)
     real_A, real_B = ((torch.rand(opt.batch_size, 3, opt.img_size, opt.img_size) * 2 - 1)
                       .to(device, memory_format=memory_format) for _ in range(2))
-    return lambda: cyclegan.train_step(real_A, real_B, step_nets, tuple(optimizers.values()), buffers,
+    return lambda: cyclegan.train_step(real_A, real_B, step_nets, optimizers, buffers,
                                        train_opt.lambda_cyc, train_opt.lambda_id, autocast, scaler)
 
 

@@ -56,6 +56,35 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
 
 
+# -----------------------------------------------------------------------------
+# Tiny networks, as cyclegan.py builds them, for train_step (by name, as it takes them)
+
+def make_nets(size=32, blocks=1, channels=3, rf=94, dtype=None, seed=0):
+    import torch
+    from models import Discriminator, GeneratorResNet, weights_init_normal
+    torch.manual_seed(seed)
+    shape = (channels, size, size)
+    nets = {"G_AB": GeneratorResNet(shape, blocks), "G_BA": GeneratorResNet(shape, blocks),
+            "D_A": Discriminator(shape, rf), "D_B": Discriminator(shape, rf)}
+    for net in nets.values():
+        net.apply(weights_init_normal)
+        net.to(dtype or torch.float32)
+    return nets
+
+
+def make_opts(nets, lr=2e-4):
+    import torch
+    adam = dict(lr=lr, betas=(0.5, 0.999))
+    return {"optimizer_G": torch.optim.Adam(list(nets["G_AB"].parameters()) + list(nets["G_BA"].parameters()), **adam),
+            "optimizer_D_A": torch.optim.Adam(nets["D_A"].parameters(), **adam),
+            "optimizer_D_B": torch.optim.Adam(nets["D_B"].parameters(), **adam)}
+
+
+def make_buffers(size=50, seed_A=None, seed_B=None):
+    from utils import ReplayBuffer
+    return {"fake_A": ReplayBuffer(size, seed=seed_A), "fake_B": ReplayBuffer(size, seed=seed_B)}
+
+
 # The download scripts prefer curl, and some tests check what they say of curl's exit codes.
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)")
 
@@ -107,7 +136,10 @@ def cli_argv(script, *args, python=None):
     if name in PRECISION_SCRIPTS and pinned_precision(args) is None and not {"-h", "--help"} & set(args):
         raise UnpinnedPrecision(f"{name} {' '.join(args)}: name the precision (--amp none, bf16, ...); "
                                 f"--amp auto would let the CPU of the machine running the test choose it")
-    return [python or sys.executable, os.path.join(ROOT, name) if not os.path.isabs(str(script)) else str(script), *args]
+    path = str(script)
+    if not os.path.isabs(path) and os.path.exists(os.path.join(ROOT, path)):  # the repository's scripts, from any cwd
+        path = os.path.join(ROOT, path)
+    return [python or sys.executable, path, *args]
 
 
 def fp32(args):

@@ -14,10 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fp32, one_thread_env, run_cli, torchrun_argv
+from conftest import fp32, make_buffers, make_nets, make_opts, one_thread_env, run_cli, torchrun_argv
 from cyclegan import train_step
-from models import Discriminator, GeneratorResNet, weights_init_normal
-from utils import ReplayBuffer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -40,33 +38,17 @@ def make_data(root, n=6, size=36):
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / d / f"{i}.png")
 
 
-def make_nets():
-    torch.manual_seed(0)
-    nets = [GeneratorResNet((3, 32, 32), 1), GeneratorResNet((3, 32, 32), 1), Discriminator((3, 32, 32)), Discriminator((3, 32, 32))]
-    for n in nets:
-        n.apply(weights_init_normal)
-        n.double()
-    return nets
-
-
-def make_opts(nets):
-    adam = dict(lr=2e-4, betas=(0.5, 0.999))
-    return (torch.optim.Adam(list(nets[0].parameters()) + list(nets[1].parameters()), **adam),
-            torch.optim.Adam(nets[2].parameters(), **adam), torch.optim.Adam(nets[3].parameters(), **adam))
-
-
 WORKER = r'''
 import os, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-from test_ddp import make_nets, make_opts
+from conftest import make_buffers, make_nets, make_opts
 from cyclegan import train_step
 from datasets import ImageDataset, UnpairedSampler, train_transforms
-from utils import ReplayBuffer
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-nets = make_nets()
-ddp_nets = [DDP(n) for n in nets]
+nets = make_nets(dtype=torch.float64)
+ddp_nets = {{name: DDP(net) for name, net in nets.items()}}
 opts = make_opts(nets)
 dataset = ImageDataset({data!r}, train_transforms(32, 32), unaligned=True)
 sampler = UnpairedSampler(dataset, seed=0, num_replicas=world, rank=rank)
@@ -75,8 +57,8 @@ batches, indices = [], list(sampler)
 for batch in loader:  # 6 images over 2 processes: 3 steps
     real_A, real_B = batch["A"].double(), batch["B"].double()
     batches.append((real_A, real_B))
-    train_step(real_A, real_B, ddp_nets, opts, (ReplayBuffer(0), ReplayBuffer(0)))
-torch.save({{"params": [[p.detach() for p in n.parameters()] for n in nets], "batches": batches, "indices": indices}},
+    train_step(real_A, real_B, ddp_nets, opts, make_buffers(0))
+torch.save({{"params": [[p.detach() for p in n.parameters()] for n in nets.values()], "batches": batches, "indices": indices}},
            f"rank{{rank}}.pt")
 dist.destroy_process_group()
 '''
@@ -99,12 +81,12 @@ def test_two_processes_stay_identical_and_equal_one_process_with_double_batch(tm
     a0, a1 = {t[0] for t in rank0["indices"]}, {t[0] for t in rank1["indices"]}
     assert not a0 & a1 and a0 | a1 == set(range(6))
     # one process, batch 2 = the two ranks' batches stacked
-    nets = make_nets()
+    nets = make_nets(dtype=torch.float64)
     opts = make_opts(nets)
     for (A0, B0), (A1, B1) in zip(rank0["batches"], rank1["batches"]):
         assert not torch.equal(A0, A1)
-        train_step(torch.cat([A0, A1]), torch.cat([B0, B1]), nets, opts, (ReplayBuffer(0), ReplayBuffer(0)))
-    for net, params in zip(nets, rank0["params"]):
+        train_step(torch.cat([A0, A1]), torch.cat([B0, B1]), nets, opts, make_buffers(0))
+    for net, params in zip(nets.values(), rank0["params"]):
         for p, q in zip(net.parameters(), params):
             torch.testing.assert_close(q, p.detach(), rtol=1e-7, atol=1e-9)  # a step is ~2e-4
 

@@ -52,9 +52,9 @@ def copy_state(state, nets, optimizers, buffers, device, dtype):
     state = copy.deepcopy(state)
     for net, s in zip(nets, state["nets"]):
         net.load_state_dict(s)
-    for optimizer, s in zip(optimizers, state["optimizers"]):
+    for optimizer, s in zip(optimizers.values(), state["optimizers"]):
         optimizer.load_state_dict(s)
-    for buffer, s in zip(buffers, state["buffers"]):
+    for buffer, s in zip(buffers.values(), state["buffers"]):
         buffer.load_state_dict(dict(s, data=[d.to(dtype) for d in s["data"]]), device)
 
 
@@ -73,8 +73,7 @@ def run_steps(device, dtype=torch.float32, amp="none", compile_mode=None, tf32=F
     nets = cyclegan.build_networks(opt, torch.device("cpu"))  # drawn on the CPU: the same weights everywhere
     nets = {name: net.to(device, dtype) for name, net in nets.items()}
     optimizers, _ = cyclegan.build_optimizers(opt, nets, device)
-    optimizers = tuple(optimizers.values())
-    buffers = (utils.ReplayBuffer(1, seed=1), utils.ReplayBuffer(1, seed=2))
+    buffers = {"fake_A": utils.ReplayBuffer(1, seed=1), "fake_B": utils.ReplayBuffer(1, seed=2)}
     _, autocast, scaler = cyclegan.setup_precision(opt, device, SimpleNamespace(master=True))
     step_nets = cyclegan.networks_for_step(nets, opt, device, SimpleNamespace(ddp=False))
     g = torch.Generator().manual_seed(1)
@@ -85,8 +84,8 @@ def run_steps(device, dtype=torch.float32, amp="none", compile_mode=None, tf32=F
             copy_state(states[k], nets.values(), optimizers, buffers, device, dtype)
         else:
             before.append(copy.deepcopy({"nets": [n.state_dict() for n in nets.values()],
-                                         "optimizers": [o.state_dict() for o in optimizers],
-                                         "buffers": [b.state_dict() for b in buffers]}))
+                                         "optimizers": [o.state_dict() for o in optimizers.values()],
+                                         "buffers": [b.state_dict() for b in buffers.values()]}))
         step = cyclegan.train_step(real_A, real_B, step_nets, optimizers, buffers, opt.lambda_cyc, opt.lambda_id, autocast, scaler)
         losses.append(torch.stack(list(step.values())).double().cpu())
         grads.append([torch.cat([p.grad.flatten() for p in net.parameters()]).double().cpu() for net in nets.values()])

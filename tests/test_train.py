@@ -8,30 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fp32, run_cli
+from conftest import fp32, make_buffers, make_nets, make_opts, run_cli
 from cyclegan import train_step
-from models import Discriminator, GeneratorResNet, weights_init_normal
+from models import Discriminator, GeneratorResNet
 from reference import reference_step
-from utils import ReplayBuffer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_nets(size=32, blocks=1, channels=3, rf=94, dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    shape = (channels, size, size)
-    nets = [GeneratorResNet(shape, blocks), GeneratorResNet(shape, blocks), Discriminator(shape, rf), Discriminator(shape, rf)]
-    for n in nets:
-        n.apply(weights_init_normal)
-        n.to(dtype)
-    return nets
-
-
-def make_opts(nets):
-    G_AB, G_BA, D_A, D_B = nets
-    adam = dict(lr=2e-4, betas=(0.5, 0.999))
-    return (torch.optim.Adam(list(G_AB.parameters()) + list(G_BA.parameters()), **adam),
-            torch.optim.Adam(D_A.parameters(), **adam), torch.optim.Adam(D_B.parameters(), **adam))
 
 
 @pytest.mark.parametrize("batch_size,rf", [(1, 94), (2, 70)])
@@ -42,8 +24,8 @@ def test_batched_step_equals_seed_reference_step_in_float64(batch_size, rf):
     nets_ref = make_nets(rf=rf, dtype=torch.float64)
     nets_new = copy.deepcopy(nets_ref)
     opts_ref, opts_new = make_opts(nets_ref), make_opts(nets_new)
-    bufs_ref = (ReplayBuffer(2, seed=1), ReplayBuffer(2, seed=2))
-    bufs_new = (ReplayBuffer(2, seed=1), ReplayBuffer(2, seed=2))
+    bufs_ref = make_buffers(2, 1, 2)
+    bufs_new = make_buffers(2, 1, 2)
     g = torch.Generator().manual_seed(0)
     for _ in range(3 if batch_size == 1 else 2):  # the last step draws from full buffers
         real_A = torch.rand(batch_size, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
@@ -57,7 +39,7 @@ def test_batched_step_equals_seed_reference_step_in_float64(batch_size, rf):
     # gradient is 0 and what autograd returns is rounding noise (~1e-17) whose sign depends
     # on the CPU's kernels; Adam normalises that noise to a step of +-lr. Such a bias has no
     # effect on any output, so the networks' outputs are compared too.
-    for a, b in zip(nets_ref, nets_new):
+    for a, b in zip(nets_ref.values(), nets_new.values()):
         cancelled = biases_cancelled_by_instance_norm(a)
         assert cancelled  # (the exclusion is real, and only these)
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
@@ -65,7 +47,7 @@ def test_batched_step_equals_seed_reference_step_in_float64(batch_size, rf):
                 torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-10, msg=name)
     probe = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
     with torch.no_grad():
-        for a, b in zip(nets_ref, nets_new):
+        for a, b in zip(nets_ref.values(), nets_new.values()):
             torch.testing.assert_close(b(probe), a(probe), rtol=1e-9, atol=1e-10)
 
 
@@ -86,13 +68,13 @@ def test_discriminators_get_no_gradients_from_the_generator_update():
     nets = make_nets()
     opts = make_opts(nets)
     grads_at_G_step = []
-    opts[0].register_step_pre_hook(
-        lambda *_: grads_at_G_step.append([p.grad for D in nets[2:] for p in D.parameters()]))
+    opts["optimizer_G"].register_step_pre_hook(
+        lambda *_: grads_at_G_step.append([p.grad for D in (nets["D_A"], nets["D_B"]) for p in D.parameters()]))
     train_step(torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1, nets, opts,
-               (ReplayBuffer(), ReplayBuffer()))
+               make_buffers())
     assert len(grads_at_G_step) == 1 and all(g is None for g in grads_at_G_step[0])
     # and they are trainable again for their own update, which did step them
-    assert all(p.requires_grad and p.grad is not None for D in nets[2:] for p in D.parameters())
+    assert all(p.requires_grad and p.grad is not None for D in (nets["D_A"], nets["D_B"]) for p in D.parameters())
 
 
 def test_batched_step_matches_reference_in_float32():
@@ -100,8 +82,8 @@ def test_batched_step_matches_reference_in_float32():
     nets_new = copy.deepcopy(nets_ref)
     opts_ref, opts_new = make_opts(nets_ref), make_opts(nets_new)
     real_A, real_B = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
-    loss_ref = reference_step(real_A, real_B, nets_ref, opts_ref, (ReplayBuffer(seed=1), ReplayBuffer(seed=2)))
-    loss_new = train_step(real_A, real_B, nets_new, opts_new, (ReplayBuffer(seed=1), ReplayBuffer(seed=2)))
+    loss_ref = reference_step(real_A, real_B, nets_ref, opts_ref, make_buffers(50, 1, 2))
+    loss_new = train_step(real_A, real_B, nets_new, opts_new, make_buffers(50, 1, 2))
     for k in loss_ref:
         torch.testing.assert_close(loss_new[k], loss_ref[k].detach(), rtol=1e-4, atol=1e-5)
     # Compare what the networks compute, not every weight: a conv bias followed by
@@ -109,18 +91,18 @@ def test_batched_step_matches_reference_in_float32():
     # step of about lr in either direction; such a bias has no effect on any output.
     probe = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        for a, b in zip(nets_ref, nets_new):
+        for a, b in zip(nets_ref.values(), nets_new.values()):
             torch.testing.assert_close(b(probe), a(probe), rtol=1e-3, atol=1e-4)
 
 
 def test_train_step_returns_detached_losses_and_updates_every_network():
     nets = make_nets()
-    before = [copy.deepcopy(n.state_dict()) for n in nets]
+    before = [copy.deepcopy(n.state_dict()) for n in nets.values()]
     losses = train_step(torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1, nets, make_opts(nets),
-                        (ReplayBuffer(), ReplayBuffer()))
+                        make_buffers())
     assert set(losses) >= {"loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity"}
     assert all(not v.requires_grad and v.ndim == 0 for v in losses.values())
-    for net, old in zip(nets, before):
+    for net, old in zip(nets.values(), before):
         assert any(not torch.equal(p, old[k]) for k, p in net.state_dict().items())
 
 
@@ -128,8 +110,8 @@ def test_bf16_autocast_step_runs_on_cpu_and_stays_close():
     nets32 = make_nets()
     nets16 = copy.deepcopy(nets32)
     real_A, real_B = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
-    l32 = train_step(real_A, real_B, nets32, make_opts(nets32), (ReplayBuffer(), ReplayBuffer()))
-    l16 = train_step(real_A, real_B, nets16, make_opts(nets16), (ReplayBuffer(), ReplayBuffer()),
+    l32 = train_step(real_A, real_B, nets32, make_opts(nets32), make_buffers())
+    l16 = train_step(real_A, real_B, nets16, make_opts(nets16), make_buffers(),
                      autocast=torch.autocast("cpu", dtype=torch.bfloat16))
     for k in ("loss_G", "loss_cycle", "loss_identity"):
         assert l16[k].dtype == torch.float32
@@ -137,7 +119,7 @@ def test_bf16_autocast_step_runs_on_cpu_and_stays_close():
 
 
 def _grads(nets):
-    return [p.grad.clone() for net in nets for p in net.parameters() if p.grad is not None]
+    return [p.grad.clone() for net in nets.values() for p in net.parameters() if p.grad is not None]
 
 
 def test_grad_scaler_path_steps_with_unscaled_gradients():
@@ -149,8 +131,8 @@ def test_grad_scaler_path_steps_with_unscaled_gradients():
     scaled = copy.deepcopy(plain)
     real_A, real_B = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    l_plain = train_step(real_A, real_B, plain, make_opts(plain), (ReplayBuffer(), ReplayBuffer()))
-    l_scaled = train_step(real_A, real_B, scaled, make_opts(scaled), (ReplayBuffer(), ReplayBuffer()), scaler=scaler)
+    l_plain = train_step(real_A, real_B, plain, make_opts(plain), make_buffers())
+    l_scaled = train_step(real_A, real_B, scaled, make_opts(scaled), make_buffers(), scaler=scaler)
     for k in l_plain:
         torch.testing.assert_close(l_scaled[k], l_plain[k], rtol=1e-6, atol=1e-7)
     g_plain, g_scaled = _grads(plain), _grads(scaled)
@@ -159,23 +141,23 @@ def test_grad_scaler_path_steps_with_unscaled_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
     assert scaler.get_scale() == 2.0**16  # no overflow, so no back-off
     with torch.no_grad():  # the steps themselves, seen through the outputs
-        torch.testing.assert_close(scaled[0](real_A), plain[0](real_A), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scaled["G_AB"](real_A), plain["G_AB"](real_A), rtol=1e-5, atol=1e-5)
 
 
 def test_fp16_autocast_with_grad_scaler_trains_on_the_cpu_where_torch_allows_it():
     nets32 = make_nets()
     nets16 = copy.deepcopy(nets32)
     real_A, real_B = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
-    l32 = train_step(real_A, real_B, nets32, make_opts(nets32), (ReplayBuffer(), ReplayBuffer()))
+    l32 = train_step(real_A, real_B, nets32, make_opts(nets32), make_buffers())
     try:
-        l16 = train_step(real_A, real_B, nets16, make_opts(nets16), (ReplayBuffer(), ReplayBuffer()),
+        l16 = train_step(real_A, real_B, nets16, make_opts(nets16), make_buffers(),
                          autocast=torch.autocast("cpu", dtype=torch.float16), scaler=torch.amp.GradScaler("cpu"))
     except RuntimeError as e:  # an fp16 kernel this torch build lacks on the CPU
         pytest.skip(f"fp16 autocast on the CPU is not supported by this torch: {str(e).splitlines()[0]}")
     for k in ("loss_G", "loss_cycle", "loss_identity"):
         assert l16[k].dtype == torch.float32
         torch.testing.assert_close(l16[k], l32[k], rtol=0.05, atol=0.01)
-    assert all(torch.isfinite(p).all() for net in nets16 for p in net.parameters())
+    assert all(torch.isfinite(p).all() for net in nets16.values() for p in net.parameters())
 
 
 # -----------------------------------------------------------------------------

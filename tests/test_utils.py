@@ -273,59 +273,62 @@ def test_save_atomic_file_gets_ordinary_permissions_not_mkstemps_0600(tmp_path):
 
 # ----------------------------------------------------------------------------- the full training state
 
-def tiny_training(seed=0):
+def tiny_training(seed=0, scaler=None):
     torch.manual_seed(seed)
     nets = {"G": torch.nn.Linear(3, 2), "D": torch.nn.Linear(2, 1)}
     optimizers = {"optimizer_G": torch.optim.Adam(nets["G"].parameters(), lr=1e-3, foreach=True),
                   "optimizer_D": torch.optim.Adam(nets["D"].parameters(), lr=1e-3, foreach=True)}
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1.0 - e / 10) for k, o in optimizers.items()}
-    buffers = (ReplayBuffer(2, seed=1), ReplayBuffer(2, seed=2))
-    return nets, optimizers, schedulers, buffers
+    buffers = {"fake_A": ReplayBuffer(2, seed=1), "fake_B": ReplayBuffer(2, seed=2)}
+    return utils.TrainingState(argparse.Namespace(seed=3, epoch=0), nets, optimizers, schedulers, buffers, scaler)
 
 
-def train_a_little(nets, optimizers, schedulers, buffers, steps=3):
+def train_a_little(training, steps=3):
+    nets = training.nets
     for _ in range(steps):
         x = torch.randn(4, 3)
-        loss = nets["D"](buffers[0].push_and_pop(nets["G"](x))).mean() + nets["G"](x).pow(2).mean()
-        for o in optimizers.values():
+        loss = nets["D"](training.buffers["fake_A"].push_and_pop(nets["G"](x))).mean() + nets["G"](x).pow(2).mean()
+        for o in training.optimizers.values():
             o.zero_grad()
         loss.backward()
-        for o in optimizers.values():
+        for o in training.optimizers.values():
             o.step()
-        for s in schedulers.values():
+        for s in training.schedulers.values():
             s.step()
 
 
 def test_training_state_round_trip_restores_everything_including_the_grad_scaler(tmp_path):
     """--amp fp16: the GradScaler's scale and growth tracker are part of the state; a resume
     that restarted them at 2**16 would skip steps the uninterrupted run takes."""
-    training = tiny_training()
-    train_a_little(*training)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    training = tiny_training(scaler=scaler)
+    train_a_little(training)
     scaler.scale(torch.ones(()))  # (the scale is created lazily)
     scaler.update(new_scale=512.0)  # as after a few overflows
     scaler._growth_tracker.fill_(7)
+    training.epoch, training.batch, training.best_fid = 2, 5, {"G_AB": 1.5}
     path = tmp_path / "last.pt"
-    utils.save_training_state(path, argparse.Namespace(seed=3), 2, 5, *training, scaler=scaler, extra={"best_fid": 1.5})
+    training.save(path)
     random.random(), torch.rand(1)  # move the global RNGs on: the state must bring them back
 
     state = load_checkpoint(path)
-    assert state["best_fid"] == 1.5 and state["args"]["seed"] == 3
-    fresh = tiny_training(seed=1)
+    assert state["best_fid"] == {"G_AB": 1.5} and state["args"]["seed"] == 3
+    assert (state["device_type"], state["precision"]) == ("cpu", "fp32")
     fresh_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    epoch, batch = utils.load_training_state(state, *fresh, scaler=fresh_scaler)
-    assert (epoch, batch) == (2, 5)
+    fresh = tiny_training(seed=1, scaler=fresh_scaler)
+    fresh.load_state_dict(state)
+    assert (fresh.epoch, fresh.batch, fresh.best_fid) == (2, 5, {"G_AB": 1.5})
     assert fresh_scaler.state_dict()["scale"] == 512.0 and fresh_scaler.state_dict()["_growth_tracker"] == 7
     # the continuation is the same as continuing the original
     after_restore = (random.random(), torch.rand(1).item())
     utils.set_rng_state(state["rng"])
     assert after_restore == (random.random(), torch.rand(1).item())
     utils.set_rng_state(state["rng"])
-    train_a_little(*training)
+    train_a_little(training)
     utils.set_rng_state(state["rng"])
-    train_a_little(*fresh)
+    train_a_little(fresh)
     for name in ("G", "D"):
-        for p, q in zip(training[0][name].parameters(), fresh[0][name].parameters()):
+        for p, q in zip(training.nets[name].parameters(), fresh.nets[name].parameters()):
             assert torch.equal(p, q)
 
 
@@ -333,17 +336,17 @@ def test_training_state_saved_with_fused_adam_loads_with_the_options_of_this_dev
     """A last.pt written on CUDA carries fused=True in its optimizer state; resumed on
     the CPU, the optimizers must use the CPU's options."""
     training = tiny_training()
-    train_a_little(*training)
-    utils.save_training_state(tmp_path / "last.pt", argparse.Namespace(), 1, 0, *training)
+    train_a_little(training)
+    training.epoch = 1
+    training.save(tmp_path / "last.pt")
     state = load_checkpoint(tmp_path / "last.pt")
     for name in ("optimizer_G", "optimizer_D"):
         for group in state[name]["param_groups"]:
             group.update(fused=True, foreach=None)  # as saved by a CUDA run
     fresh = tiny_training(seed=1)
-    utils.load_training_state(state, *fresh, optimizer_options={"fused": None, "foreach": True})
-    for o in fresh[1].values():
+    fresh.load_state_dict(state, optimizer_options={"fused": None, "foreach": True})
+    for o in fresh.optimizers.values():
         assert all(g["fused"] is None and g["foreach"] is True for g in o.param_groups)
-    train_a_little(*fresh)  # and they step
 
 
 def test_training_state_refuses_a_mid_epoch_resume_with_another_process_count(tmp_path, capsys):
