@@ -351,10 +351,11 @@ def test_training_state_saved_with_fused_adam_loads_with_the_options_of_this_dev
 
 def test_training_state_refuses_a_mid_epoch_resume_with_another_process_count(tmp_path, capsys):
     training = tiny_training()
-    utils.save_training_state(tmp_path / "last.pt", argparse.Namespace(), 1, 3, *training)
+    training.epoch, training.batch = 1, 3
+    training.save(tmp_path / "last.pt")
     state = load_checkpoint(tmp_path / "last.pt")
     with pytest.raises(SystemExit):
-        utils.load_training_state(state, *tiny_training(), world_size=2)
+        tiny_training().load_state_dict(state, world_size=2)
     assert "saved mid-epoch by 1 process(es)" in capsys.readouterr().err
 
 
