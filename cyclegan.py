@@ -13,8 +13,10 @@ import argparse
 import csv
 import glob
 import html
+import io
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -30,11 +32,12 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from datasets import (BUILTIN_DATASET, ImageDataset, UnpairedSampler, UnreadableFiles, fixed_samples, make_day2night,
-                      split_dirs, train_transforms, verify_images)
+from datasets import (BUILTIN_DATASET, ImageDataset, UnpairedSampler, UnreadableFiles, check_some_readable, fixed_samples,
+                      make_day2night, split_dirs, train_transforms, verify_images)
 from models import Discriminator, GeneratorResNet, clean_state_dict, weights_init_normal
-from utils import (LambdaLR, ReplayBuffer, StopSignal, autocast_context, check_finite_weights, die, load_checkpoint,
-                   load_training_state, pick_device, pick_precision, save_atomic, save_training_state)
+from utils import (LambdaLR, ReplayBuffer, StopSignal, autocast_context, check_finite_weights, check_writable, die,
+                   load_checkpoint, load_training_state, pick_device, pick_precision, save_atomic, save_training_state,
+                   write_atomic, write_failed, write_text_atomic)
 
 # What train_step returns, in the order of log.csv's columns.
 LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity", "loss_D_A", "loss_D_B")
@@ -45,7 +48,7 @@ LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity", "lo
 # arithmetic, so changing them continues the run, close to but not bitwise the same.
 RESUME_HARMLESS = {"resume", "sample_interval", "checkpoint_interval", "save_latest_interval", "log_interval",
                    "n_cpu", "device", "compile", "verify_data", "amp", "eval_interval", "eval_n", "inception",
-                   "tensorboard", "log_dir"}
+                   "tensorboard", "log_dir", "overwrite"}
 
 
 def get_parser():
@@ -53,7 +56,8 @@ def get_parser():
     # the seed's flags, with its defaults
     p.add_argument("--epoch", type=int, default=0, help="epoch to start training from: loads saved_models/<dataset>/*_<epoch>.pth when > 0")
     p.add_argument("--n_epochs", type=int, default=200, help="number of epochs of training")
-    p.add_argument("--dataset_name", type=str, default="monet2photo", help=f"name of the dataset under data/ ('{BUILTIN_DATASET}' is generated on first use)")
+    p.add_argument("--dataset_name", type=str, default="monet2photo", help=f"name of the dataset under data/ ('{BUILTIN_DATASET}' is generated on first use) and of the run "
+                        f"(saved_models/<dataset_name>/, images/<dataset_name>/); with --data_root, defaults to its folder name")
     p.add_argument("--batch_size", type=int, default=1, help="size of the batches (per process under torchrun)")
     p.add_argument("--lr", type=float, default=0.0002, help="adam: learning rate")
     p.add_argument("--b1", type=float, default=0.5, help="adam: decay of first order momentum of gradient")
@@ -86,6 +90,8 @@ def get_parser():
     p.add_argument("--save_latest_interval", type=int, default=500, help="interval (in batches) between saves of last.pt (it is also saved after every epoch); <= 0: only after epochs")
     p.add_argument("--log_interval", type=int, default=10, help="interval (in batches) between fetching losses for log.csv and the progress line")
     p.add_argument("--verify_data", action="store_true", help="decode every training image before training and report all unreadable ones")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that already holds a run: its weights, last.pt, logs and sample grids are deleted first")
     # measuring
     p.add_argument("--eval_interval", type=int, default=0, help="interval (in epochs) between FID/KID evaluations of both generators on the test split "
                                                                   "(eval.csv, best_G_AB.pth / best_G_BA.pth); <= 0: never (see evaluate.py)")
@@ -125,7 +131,7 @@ def check_flags(opt):
               ("b1", 0 <= opt.b1 < 1, "in [0, 1)"),
               ("b2", 0 <= opt.b2 < 1, "in [0, 1)"),
               ("n_cpu", opt.n_cpu >= 0, "at least 0"),
-              ("n_residual_blocks", opt.n_residual_blocks >= 0, "at least 0"),
+              ("n_residual_blocks", opt.n_residual_blocks >= 1, "at least 1"),  # test.py and export.py recognise a generator by its blocks
               ("lambda_cyc", opt.lambda_cyc >= 0, "at least 0"),
               ("lambda_id", opt.lambda_id >= 0, "at least 0"),
               ("pool_size", opt.pool_size >= 0, "at least 0 (0 turns the replay buffers off)"),
@@ -163,6 +169,9 @@ def parse_args(argv):
     parser = get_parser()
     opt = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
+    if "data_root" in given and "dataset_name" not in given:
+        # the run is named after its data, so runs on different data never share a folder
+        opt.dataset_name = given["dataset_name"] = os.path.basename(os.path.abspath(opt.data_root))
     resume_state = None
     if opt.resume:
         path = find_last_pt(opt, given)
@@ -184,9 +193,68 @@ def parse_args(argv):
             opt.compile = "default" if opt.compile else None
     else:
         check_flags(opt)
+        if opt.epoch == 0 and not opt.overwrite:
+            refuse_existing_run(opt)
+    check_output_folders(opt)
     if opt.seed is None:  # drawn here and recorded in last.pt (under torchrun, rank 0's is used)
         opt.seed = int.from_bytes(os.urandom(4), "little") >> 1
     return opt, resume_state
+
+
+RUN_WEIGHTS = re.compile(r"(G_AB|G_BA|D_A|D_B)_\d+\.pth|best_(G_AB|G_BA)\.pth")
+
+
+def run_files(opt):
+    """The files of the run in saved_models/<dataset_name>/ and its sample grids in images/<dataset_name>/."""
+    model_dir, images = os.path.join("saved_models", opt.dataset_name), os.path.join("images", opt.dataset_name)
+    found = [os.path.join(model_dir, f) for f in sorted(os.listdir(model_dir)) if f in ("last.pt", "log.csv", "eval.csv")
+             or RUN_WEIGHTS.fullmatch(f)] if os.path.isdir(model_dir) else []
+    grids = [os.path.join(images, f) for f in sorted(os.listdir(images)) if f.endswith(".png") and f[:-4].isdigit()
+             or f in ("index.html", "losses.png", "fid.png")] if os.path.isdir(images) else []
+    return found, grids
+
+
+def refuse_existing_run(opt):
+    """A fresh run never replaces a saved one: the same command run again (after a reboot, say)
+    would otherwise wipe log.csv and last.pt. Checked by every process before anything is written."""
+    model_dir = os.path.join("saved_models", opt.dataset_name)
+    found, _ = run_files(opt)
+    log = os.path.join(model_dir, "log.csv")
+    if os.path.isfile(log):
+        with open(log, newline="") as f:
+            if sum(1 for _ in zip(range(2), f)) < 2:  # a header alone: a run that never logged a batch
+                found.remove(log)
+    found = [f for f in found if not f.endswith("eval.csv")]
+    if not found:
+        return
+    what = ", ".join(os.path.basename(f) for f in found[:4]) + (", ..." if len(found) > 4 else "")
+    last = os.path.join(model_dir, "last.pt")
+    if os.path.isfile(last):
+        try:
+            saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+            what = f"last.pt: epoch {saved['epoch']}, batch {saved['batch']}"
+        except Exception:
+            pass
+    die(f"{model_dir} already holds a run ({what}); continue it with --resume, start a separate one with another "
+        f"--dataset_name (add --data_root to train on the same data), or pass --overwrite to replace it")
+
+
+def check_output_folders(opt):
+    """Every folder training writes to, writable, before any work starts."""
+    check_writable(os.path.join("saved_models", opt.dataset_name), "--dataset_name")
+    check_writable(os.path.join("images", opt.dataset_name), "--dataset_name")
+    if opt.tensorboard:
+        check_writable(opt.log_dir or os.path.join("runs", opt.dataset_name), "--log_dir")
+
+
+def remove_old_run(opt):
+    """--overwrite: the old run's files go before the new run writes its own."""
+    found, grids = run_files(opt)
+    for path in found + grids:
+        os.remove(path)
+    if found or grids:
+        print(f"--overwrite: removed {len(found)} file(s) of the old run in saved_models/{opt.dataset_name}/ "
+              f"and {len(grids)} in images/{opt.dataset_name}/")
 
 
 # -----------------------------------------------------------------------------
@@ -250,6 +318,7 @@ def build_data(opt, device, procs):
                                channels=opt.channels, warn=procs.master)
     except FileNotFoundError as e:
         die(str(e))
+    check_some_readable(dataset)
     if opt.verify_data and procs.master:
         verify_images(dataset.files_A + dataset.files_B, opt.channels)
     sampler = UnpairedSampler(dataset, seed=opt.seed, num_replicas=procs.world_size, rank=procs.rank)
@@ -438,8 +507,7 @@ def sample_images(path, real_A, real_B, G_AB, G_BA, autocast=nullcontext()):
     G_BA.train()
     rows = torch.cat([real_A, fake_B, real_B, fake_A])
     grid = make_grid((rows + 1) / 2, nrow=real_A.size(0), padding=2, pad_value=1.0).clamp(0, 1)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_image(grid, path)
+    write_atomic(path, lambda f: save_image(grid, f, format="png"))
     return grid
 
 
@@ -512,19 +580,10 @@ def plot_curves(folder, log_csv, eval_csv):
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = os.path.join(folder, ".tmp-" + png)
-        fig.savefig(tmp, dpi=80, format="png")
+        write_atomic(os.path.join(folder, png), lambda f: fig.savefig(f, dpi=80, format="png"))
         plt.close(fig)
-        os.replace(tmp, os.path.join(folder, png))
         written.append(png)
     return written
-
-
-def write_text_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def tensorboard_writer(opt):
@@ -573,12 +632,15 @@ def record_evaluation(results, epoch, iteration, nets, model_dir, best_fid, writ
     path = os.path.join(model_dir, "eval.csv")
     header = ["epoch", "iteration"] + [f"{g}_{c}" for g in ("G_AB", "G_BA") for c in EVAL_COLUMNS] + ["n", "seconds"]
     new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(header)
-        w.writerow([epoch, iteration] + [f"{results[g][c]:.6g}" if c in results[g] else "" for g in ("G_AB", "G_BA") for c in EVAL_COLUMNS]
-                   + [results["G_AB"]["n_fake"], f"{sum(r['seconds'] for r in results.values()):.1f}"])
+    try:
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(header)
+            w.writerow([epoch, iteration] + [f"{results[g][c]:.6g}" if c in results[g] else "" for g in ("G_AB", "G_BA") for c in EVAL_COLUMNS]
+                       + [results["G_AB"]["n_fake"], f"{sum(r['seconds'] for r in results.values()):.1f}"])
+    except OSError as e:
+        die(write_failed(path, e, 1024, f"{model_dir}/last.pt is intact: free some space, then continue with --resume"))
     line = []
     for g, r in results.items():
         line.append(f"{g} FID {r['fid']:.2f} (identity {r['fid_identity']:.2f}) KID {r['kid_mean']:.4f} +- {r['kid_std']:.4f}"
@@ -601,10 +663,7 @@ def keep_eval_rows_until(model_dir, epoch):
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
         kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= epoch]
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        os.replace(tmp, path)
+        write_text_atomic(path, csv_text(kept))
 
 
 class TrainingLog:
@@ -650,13 +709,16 @@ class TrainingLog:
     def write_pending(self):
         values = torch.stack([p[4] for p in self.pending]).float().cpu().tolist()  # the one device sync
         now = time.time()
-        for (epoch, batch, iteration, lr, _), v in zip(self.pending, values):
-            self.csv.writerow([epoch, batch, iteration, *[f"{x:.6g}" for x in v], f"{lr:.6g}", f"{now:.3f}"])
-            if self.writer is not None:  # the values are on the host already: no extra sync
-                for name, x in zip(LOSS_NAMES, v):
-                    self.writer.add_scalar(f"loss/{name.removeprefix('loss_')}", x, iteration)
-                self.writer.add_scalar("lr", lr, iteration)
-        self.file.flush()
+        try:
+            for (epoch, batch, iteration, lr, _), v in zip(self.pending, values):
+                self.csv.writerow([epoch, batch, iteration, *[f"{x:.6g}" for x in v], f"{lr:.6g}", f"{now:.3f}"])
+                if self.writer is not None:  # the values are on the host already: no extra sync
+                    for name, x in zip(LOSS_NAMES, v):
+                        self.writer.add_scalar(f"loss/{name.removeprefix('loss_')}", x, iteration)
+                    self.writer.add_scalar("lr", lr, iteration)
+            self.file.flush()
+        except OSError as e:
+            die(write_failed(self.path, e, 1024, f"{self.model_dir}/last.pt is intact: free some space, then continue with --resume"))
         self.pending = []
         return values
 
@@ -694,10 +756,13 @@ def keep_rows_before(path, iteration, header):
             rows = [r for r in rows[1:] if len(r) == len(header) and r[2].isdigit() and int(r[2]) < iteration]
         else:
             rows = []
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    os.replace(tmp, path)
+    write_text_atomic(path, csv_text([header, *rows]))
+
+
+def csv_text(rows):
+    out = io.StringIO(newline="")
+    csv.writer(out).writerows(rows)
+    return out.getvalue()
 
 
 def save_last(opt, model_dir, epoch, batch, iteration, training, log, procs, run_state):
@@ -763,13 +828,15 @@ def main(argv=None):
         evaluator = build_evaluator(opt, data_root, device)
         writer = tensorboard_writer(opt) if opt.tensorboard else None
         clean_killed_saves(model_dir)
+        if opt.overwrite and not opt.resume and opt.epoch == 0:
+            remove_old_run(opt)
         log = TrainingLog(os.path.join(model_dir, "log.csv"), opt.n_epochs * n_batches, start_epoch * n_batches + start_batch,
                           opt.log_interval, model_dir, writer)
         keep_eval_rows_until(model_dir, start_epoch)
         page = ResultsPage(os.path.join("images", opt.dataset_name), opt, n_batches, model_dir)
         print(f"training on {device} ({precision_name(dtype)}) x {procs.world_size} process(es): "
               f"{len(dataset.files_A)} A / {len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} per epoch "
-              f"and process, epochs {start_epoch}..{opt.n_epochs - 1}, seed {opt.seed}")
+              f"and process, epochs {start_epoch}..{opt.n_epochs - 1}, seed {opt.seed}, saving to {model_dir}/")
 
     for epoch in range(start_epoch, opt.n_epochs):
         first = start_batch if epoch == start_epoch else 0
@@ -798,18 +865,18 @@ def main(argv=None):
         for scheduler in schedulers.values():
             scheduler.step()
         done = epoch + 1
+        # last.pt first: it is what lets a user continue if a later save meets a full disk
+        save_last(opt, model_dir, done, 0, done * n_batches - 1, training, log, procs, run_state)
         if procs.master and (done == opt.n_epochs or every(opt.checkpoint_interval, done)):
-            log.flush()
             save_epoch_weights(nets, model_dir, done, done * n_batches - 1)
-        if evaluator is not None and (done == opt.n_epochs or every(opt.eval_interval, done)):
-            log.flush()
-            check_finite_weights(nets, done * n_batches - 1, model_dir)
-            results = evaluate_generators(evaluator, nets, device)
-            record_evaluation(results, done, done * n_batches - 1, nets, model_dir, run_state["best_fid"], writer)
+        if opt.eval_interval > 0 and (done == opt.n_epochs or every(opt.eval_interval, done)):
+            if evaluator is not None:
+                results = evaluate_generators(evaluator, nets, device)
+                record_evaluation(results, done, done * n_batches - 1, nets, model_dir, run_state["best_fid"], writer)
+            # again, to carry the best FIDs (the other processes wait for rank 0's evaluation in its gather)
+            save_last(opt, model_dir, done, 0, done * n_batches - 1, training, log, procs, run_state)
         if page is not None:
             page.update(replot=True)
-        # (under torchrun the other processes wait for rank 0's evaluation in this save's gather)
-        save_last(opt, model_dir, done, 0, done * n_batches - 1, training, log, procs, run_state)
 
     if procs.ddp:
         dist.destroy_process_group()
@@ -824,7 +891,7 @@ def clean_killed_saves(model_dir):
     """Temporary files of a save that was killed midway."""
     if os.path.isdir(model_dir):
         for f in os.listdir(model_dir):
-            if f.startswith(".tmp-") and f.endswith(".pt"):
+            if f.startswith(".tmp-"):
                 os.remove(os.path.join(model_dir, f))
 
 
