@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from datasets import (BUILTIN_DATASET, ImageDataset, UnpairedSampler, UnreadableFiles, check_some_readable, fixed_samples,
-                      make_day2night, split_dirs, train_transforms, verify_images)
+from datasets import (BUILTIN_DATASET, ImageDataset, NoReadableImage, UnpairedSampler, UnreadableFiles, check_some_readable,
+                      fixed_samples, make_day2night, split_dirs, train_transforms, verify_images)
 from models import Discriminator, GeneratorResNet, clean_state_dict, weights_init_normal
 from utils import (LambdaLR, ReplayBuffer, StopSignal, autocast_context, check_finite_weights, check_writable, die,
                    load_checkpoint, load_training_state, pick_device, pick_precision, save_atomic, save_training_state,
@@ -318,7 +318,6 @@ def build_data(opt, device, procs):
                                channels=opt.channels, warn=procs.master)
     except FileNotFoundError as e:
         die(str(e))
-    check_some_readable(dataset)
     if opt.verify_data and procs.master:
         verify_images(dataset.files_A + dataset.files_B, opt.channels)
     sampler = UnpairedSampler(dataset, seed=opt.seed, num_replicas=procs.world_size, rank=procs.rank)
@@ -737,6 +736,13 @@ class TrainingLog:
             self.writer.add_scalar("iterations_per_s", rate, done - 1)
         print(tqdm.format_meter(done, self.total, elapsed, rate=rate, unit="it", postfix=postfix, ascii=True), flush=True)
 
+    def remove_if_empty(self):
+        self.close()
+        with open(self.path, newline="") as f:
+            empty = sum(1 for _ in zip(range(2), f)) < 2
+        if empty:
+            os.remove(self.path)
+
     def close(self):
         if self.pending:
             self.write_pending()
@@ -781,6 +787,18 @@ def save_epoch_weights(nets, model_dir, done, iteration):
     check_finite_weights(nets, iteration, model_dir)
     for name, net in nets.items():
         save_atomic(net.state_dict(), os.path.join(model_dir, f"{name}_{done}.pth"))
+
+
+def batches_or_die(dataloader, dataset, log):
+    """The dataloader's batches; a training folder without one readable image ends the run
+    with one line, leaving no log.csv without rows behind."""
+    try:
+        yield from dataloader
+    except NoReadableImage:
+        if log is not None:
+            log.remove_if_empty()
+        check_some_readable(dataset)
+        raise
 
 
 def every(interval, count):
@@ -843,7 +861,7 @@ def main(argv=None):
         sampler.set_epoch(epoch)
         sampler.set_start(first * opt.batch_size)
         lr = optimizers["optimizer_G"].param_groups[0]["lr"]
-        for i, batch in enumerate(dataloader, start=first):
+        for i, batch in enumerate(batches_or_die(dataloader, dataset, log), start=first):
             if any(batch["bad"]):
                 unreadable.add(batch["bad"])
             real_A = batch["A"].to(device, non_blocking=True)

@@ -129,6 +129,10 @@ def test_transforms(img_height, img_width):
     ]
 
 
+class NoReadableImage(RuntimeError):
+    """Not one file of a training folder can be decoded (check_some_readable says which)."""
+
+
 class ImageDataset(Dataset):
     """Pairs of one A and one B image. With unaligned=True the B image is drawn at
     random, independently of A (the seed's behaviour).
@@ -154,15 +158,19 @@ class ImageDataset(Dataset):
         return max(len(self.files_A), len(self.files_B))
 
     def _load(self, files, i, bad):
+        warnings = []  # printed once a readable file is found; a folder of none is one error line
         for k in range(len(files)):
             path = files[(i + k) % len(files)]
             try:
-                return load_image(path, self.channels)
+                img = load_image(path, self.channels)
             except Exception as e:
                 bad.append(path)
-                if self.warn:
-                    print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})", file=sys.stderr)
-        raise RuntimeError(f"no readable image among the {len(files)} files in {os.path.dirname(files[0])}")
+                warnings.append(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})")
+                continue
+            if self.warn and warnings:
+                print("\n".join(warnings), file=sys.stderr)
+            return img
+        raise NoReadableImage(f"no readable image among the {len(files)} files in {os.path.dirname(files[0])}")
 
     def __getitem__(self, index):
         bad = []
@@ -232,8 +240,8 @@ class UnreadableFiles:
 
 
 def check_some_readable(dataset):
-    """Stop with one line when a training folder has no readable image at all (training
-    would only skip file after file); decodes one image per folder when the first is fine."""
+    """Stop with one line naming the training folder that has no readable image at all (after
+    NoReadableImage: checking before training would load images outside the epoch's order)."""
     for folder, files in ((dataset.dir_A, dataset.files_A), (dataset.dir_B, dataset.files_B)):
         for path in files:
             try:
