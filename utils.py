@@ -148,7 +148,8 @@ def write_failed(path, e, needed, hint):
     except OSError:
         free = "free space unknown"
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    return f"could not write {path} ({type(e).__name__}: {first}); it needs at least {needed / 2**20:.1f} MiB, {free}; {hint}"
+    size = f"{needed / 2**20:.1f} MiB" if needed >= 2**20 else f"{max(1, round(needed / 2**10))} KiB"
+    return f"could not write {path} ({type(e).__name__}: {first}); it needs at least {size}, {free}; {hint}"
 
 
 def save_atomic(obj, path, hint="the previous one, if any, is intact"):
