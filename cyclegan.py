@@ -13,6 +13,7 @@ import argparse
 import glob
 import os
 import random
+import re
 import signal
 import sys
 from contextlib import nullcontext
@@ -25,13 +26,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from datasets import (BUILTIN_DATASET, ImageDataset, UnpairedSampler, UnreadableFiles, fixed_samples, make_day2night,
-                      train_transforms, verify_images)
+from datasets import (BUILTIN_DATASET, ImageDataset, NoReadableImage, UnpairedSampler, UnreadableFiles, check_some_readable,
+                      fixed_samples, make_day2night, train_transforms, verify_images)
 from models import Discriminator, GeneratorResNet, clean_state_dict, weights_init_normal
 from report import (LOSS_NAMES, ResultsPage, TrainingLog, build_evaluator, evaluate_generators, keep_eval_rows_until,
                     record_evaluation, sample_images, tensorboard_writer)
-from utils import (LambdaLR, ReplayBuffer, StopSignal, TrainingState, autocast_context, check_finite_weights, clean_killed_saves,
-                   die, load_checkpoint, pick_device, pick_precision, save_atomic)
+from utils import (LambdaLR, ReplayBuffer, StopSignal, TrainingState, autocast_context, check_finite_weights, check_writable,
+                   clean_killed_saves, die, load_checkpoint, pick_device, pick_precision, save_atomic)
 
 # Flags that may differ between a run and its --resume: they change neither the model, nor
 # the data order, nor the algorithm. A resumed run is bitwise the run it continues when it
@@ -39,7 +40,7 @@ from utils import (LambdaLR, ReplayBuffer, StopSignal, TrainingState, autocast_c
 # arithmetic, so changing them continues the run, close to but not bitwise the same.
 RESUME_HARMLESS = {"resume", "sample_interval", "checkpoint_interval", "save_latest_interval", "log_interval",
                    "n_cpu", "device", "compile", "verify_data", "amp", "eval_interval", "eval_n", "inception",
-                   "tensorboard", "log_dir"}
+                   "tensorboard", "log_dir", "overwrite"}
 
 
 def get_parser():
@@ -47,7 +48,8 @@ def get_parser():
     # the seed's flags, with its defaults
     p.add_argument("--epoch", type=int, default=0, help="epoch to start training from: loads saved_models/<dataset>/*_<epoch>.pth when > 0")
     p.add_argument("--n_epochs", type=int, default=200, help="number of epochs of training")
-    p.add_argument("--dataset_name", type=str, default="monet2photo", help=f"name of the dataset under data/ ('{BUILTIN_DATASET}' is generated on first use)")
+    p.add_argument("--dataset_name", type=str, default="monet2photo", help=f"name of the dataset under data/ ('{BUILTIN_DATASET}' is generated on first use) and of the run "
+                        f"(saved_models/<dataset_name>/, images/<dataset_name>/); with --data_root, defaults to its folder name")
     p.add_argument("--batch_size", type=int, default=1, help="size of the batches (per process under torchrun)")
     p.add_argument("--lr", type=float, default=0.0002, help="adam: learning rate")
     p.add_argument("--b1", type=float, default=0.5, help="adam: decay of first order momentum of gradient")
@@ -80,6 +82,8 @@ def get_parser():
     p.add_argument("--save_latest_interval", type=int, default=500, help="interval (in batches) between saves of last.pt (it is also saved after every epoch); <= 0: only after epochs")
     p.add_argument("--log_interval", type=int, default=10, help="interval (in batches) between fetching losses for log.csv and the progress line")
     p.add_argument("--verify_data", action="store_true", help="decode every training image before training and report all unreadable ones")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that already holds a run: its weights, last.pt, logs and sample grids are deleted first")
     # measuring
     p.add_argument("--eval_interval", type=int, default=0, help="interval (in epochs) between FID/KID evaluations of both generators on the test split "
                                                                   "(eval.csv, best_G_AB.pth / best_G_BA.pth); <= 0: never (see evaluate.py)")
@@ -119,7 +123,7 @@ def check_flags(opt):
               ("b1", 0 <= opt.b1 < 1, "in [0, 1)"),
               ("b2", 0 <= opt.b2 < 1, "in [0, 1)"),
               ("n_cpu", opt.n_cpu >= 0, "at least 0"),
-              ("n_residual_blocks", opt.n_residual_blocks >= 0, "at least 0"),
+              ("n_residual_blocks", opt.n_residual_blocks >= 1, "at least 1"),  # test.py and export.py recognise a generator by its blocks
               ("lambda_cyc", opt.lambda_cyc >= 0, "at least 0"),
               ("lambda_id", opt.lambda_id >= 0, "at least 0"),
               ("pool_size", opt.pool_size >= 0, "at least 0 (0 turns the replay buffers off)"),
@@ -157,6 +161,9 @@ def parse_args(argv):
     parser = get_parser()
     opt = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
+    if "data_root" in given and "dataset_name" not in given:
+        # the run is named after its data, so runs on different data never share a folder
+        opt.dataset_name = given["dataset_name"] = os.path.basename(os.path.abspath(opt.data_root))
     resume_state = None
     if opt.resume:
         path = find_last_pt(opt, given)
@@ -178,9 +185,68 @@ def parse_args(argv):
             opt.compile = "default" if opt.compile else None
     else:
         check_flags(opt)
+        if opt.epoch == 0 and not opt.overwrite:
+            refuse_existing_run(opt)
+    check_output_folders(opt)
     if opt.seed is None:  # drawn here and recorded in last.pt (under torchrun, rank 0's is used)
         opt.seed = int.from_bytes(os.urandom(4), "little") >> 1
     return opt, resume_state
+
+
+RUN_WEIGHTS = re.compile(r"(G_AB|G_BA|D_A|D_B)_\d+\.pth|best_(G_AB|G_BA)\.pth")
+
+
+def run_files(opt):
+    """The files of the run in saved_models/<dataset_name>/ and its sample grids in images/<dataset_name>/."""
+    model_dir, images = os.path.join("saved_models", opt.dataset_name), os.path.join("images", opt.dataset_name)
+    found = [os.path.join(model_dir, f) for f in sorted(os.listdir(model_dir)) if f in ("last.pt", "log.csv", "eval.csv")
+             or RUN_WEIGHTS.fullmatch(f)] if os.path.isdir(model_dir) else []
+    grids = [os.path.join(images, f) for f in sorted(os.listdir(images)) if f.endswith(".png") and f[:-4].isdigit()
+             or f in ("index.html", "losses.png", "fid.png")] if os.path.isdir(images) else []
+    return found, grids
+
+
+def refuse_existing_run(opt):
+    """A fresh run never replaces a saved one: the same command run again (after a reboot, say)
+    would otherwise wipe log.csv and last.pt. Checked by every process before anything is written."""
+    model_dir = os.path.join("saved_models", opt.dataset_name)
+    found, _ = run_files(opt)
+    log = os.path.join(model_dir, "log.csv")
+    if os.path.isfile(log):
+        with open(log, newline="") as f:
+            if sum(1 for _ in zip(range(2), f)) < 2:  # a header alone: a run that never logged a batch
+                found.remove(log)
+    found = [f for f in found if not f.endswith("eval.csv")]
+    if not found:
+        return
+    what = ", ".join(os.path.basename(f) for f in found[:4]) + (", ..." if len(found) > 4 else "")
+    last = os.path.join(model_dir, "last.pt")
+    if os.path.isfile(last):
+        try:
+            saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+            what = f"last.pt: epoch {saved['epoch']}, batch {saved['batch']}"
+        except Exception:
+            pass
+    die(f"{model_dir} already holds a run ({what}); continue it with --resume, start a separate one with another "
+        f"--dataset_name (add --data_root to train on the same data), or pass --overwrite to replace it")
+
+
+def check_output_folders(opt):
+    """Every folder training writes to, writable, before any work starts."""
+    check_writable(os.path.join("saved_models", opt.dataset_name), "--dataset_name")
+    check_writable(os.path.join("images", opt.dataset_name), "--dataset_name")
+    if opt.tensorboard:
+        check_writable(opt.log_dir or os.path.join("runs", opt.dataset_name), "--log_dir")
+
+
+def remove_old_run(opt):
+    """--overwrite: the old run's files go before the new run writes its own."""
+    found, grids = run_files(opt)
+    for path in found + grids:
+        os.remove(path)
+    if found or grids:
+        print(f"--overwrite: removed {len(found)} file(s) of the old run in saved_models/{opt.dataset_name}/ "
+              f"and {len(grids)} in images/{opt.dataset_name}/")
 
 
 # -----------------------------------------------------------------------------
@@ -432,6 +498,18 @@ def save_epoch_weights(nets, model_dir, done):
         save_atomic(net.state_dict(), os.path.join(model_dir, f"{name}_{done}.pth"))
 
 
+def batches_or_die(dataloader, dataset, log):
+    """The dataloader's batches; a training folder without one readable image ends the run
+    with one line, leaving no log.csv without rows behind."""
+    try:
+        yield from dataloader
+    except NoReadableImage:
+        if log is not None:
+            log.remove_if_empty()
+        check_some_readable(dataset)
+        raise
+
+
 def every(interval, count):
     """True every `interval` counts; never when interval <= 0."""
     return interval > 0 and count % interval == 0
@@ -446,13 +524,15 @@ def start_report(opt, data_root, device, dataset, n_batches, training, model_dir
     report = SimpleNamespace(evaluator=build_evaluator(opt, data_root, device),
                              writer=tensorboard_writer(opt) if opt.tensorboard else None)
     clean_killed_saves(model_dir)
+    if opt.overwrite and not opt.resume and opt.epoch == 0:
+        remove_old_run(opt)
     report.log = TrainingLog(os.path.join(model_dir, "log.csv"), opt.n_epochs * n_batches, done, opt.log_interval, model_dir,
                              report.writer)
     keep_eval_rows_until(model_dir, training.epoch)
     report.page = ResultsPage(os.path.join("images", opt.dataset_name), opt, n_batches, model_dir)
     print(f"training on {device} ({training.precision}) x {procs.world_size} process(es): "
           f"{len(dataset.files_A)} A / {len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} per epoch "
-          f"and process, epochs {training.epoch}..{opt.n_epochs - 1}, seed {opt.seed}")
+          f"and process, epochs {training.epoch}..{opt.n_epochs - 1}, seed {opt.seed}, saving to {model_dir}/")
     return report
 
 
@@ -525,7 +605,7 @@ def main(argv=None):
         sampler.set_epoch(epoch)
         sampler.set_start(first * opt.batch_size)
         lr = optimizers["optimizer_G"].param_groups[0]["lr"]
-        for i, batch in enumerate(dataloader, start=first):
+        for i, batch in enumerate(batches_or_die(dataloader, dataset, report), start=first):
             if any(batch["bad"]):
                 unreadable.add(batch["bad"])
             real_A = batch["A"].to(device, non_blocking=True)

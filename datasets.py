@@ -16,7 +16,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from utils import die
+from utils import current_umask, die
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 
@@ -129,6 +129,10 @@ def test_transforms(img_height, img_width):
     ]
 
 
+class NoReadableImage(RuntimeError):
+    """Not one file of a training folder can be decoded (check_some_readable says which)."""
+
+
 class ImageDataset(Dataset):
     """Pairs of one A and one B image. With unaligned=True the B image is drawn at
     random, independently of A (the seed's behaviour).
@@ -154,15 +158,19 @@ class ImageDataset(Dataset):
         return max(len(self.files_A), len(self.files_B))
 
     def _load(self, files, i, bad):
+        warnings = []  # printed once a readable file is found; a folder of none is one error line
         for k in range(len(files)):
             path = files[(i + k) % len(files)]
             try:
-                return load_image(path, self.channels)
+                img = load_image(path, self.channels)
             except Exception as e:
                 bad.append(path)
-                if self.warn:
-                    print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})", file=sys.stderr)
-        raise RuntimeError(f"no readable image among the {len(files)} files in {os.path.dirname(files[0])}")
+                warnings.append(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})")
+                continue
+            if self.warn and warnings:
+                print("\n".join(warnings), file=sys.stderr)
+            return img
+        raise NoReadableImage(f"no readable image among the {len(files)} files in {os.path.dirname(files[0])}")
 
     def __getitem__(self, index):
         bad = []
@@ -231,6 +239,20 @@ class UnreadableFiles:
                 f"them all, then fix or remove them:\n  " + "\n  ".join(sorted(self.seen)))
 
 
+def check_some_readable(dataset):
+    """Stop with one line naming the training folder that has no readable image at all (after
+    NoReadableImage: checking before training would load images outside the epoch's order)."""
+    for folder, files in ((dataset.dir_A, dataset.files_A), (dataset.dir_B, dataset.files_B)):
+        for path in files:
+            try:
+                load_image(path, dataset.channels)
+                break
+            except Exception:
+                continue
+        else:
+            die(f"none of the {len(files)} training images in {folder} can be read; fix or replace them")
+
+
 def verify_images(paths, channels):
     """Decode every file; stop with the list of all unreadable ones."""
     bad = []
@@ -262,6 +284,9 @@ def fixed_samples(data_root, img_height, img_width, channels, n=5):
                 continue
             if len(imgs) == n:
                 break
+        if not imgs:
+            die(f"none of the {len(list_images(folder))} images in {folder} can be read (they give the sample grids); "
+                f"fix or replace them")
         out.append(torch.stack(imgs))
     k = min(len(out[0]), len(out[1]))
     return out[0][:k], out[1][:k]
@@ -382,7 +407,7 @@ def make_day2night(root, n_train=400, n_test=40, size=64, seed=0):
         for d, i, scene, night in jobs:
             img = render_scene([seed, 0, scene], size, night, [seed, 1, scene, int(night)])
             Image.fromarray(img).save(os.path.join(tmp, d, f"{i:04d}.png"))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private
         try:
             os.rename(tmp, root)
         except OSError:
@@ -390,9 +415,3 @@ def make_day2night(root, n_train=400, n_test=40, size=64, seed=0):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

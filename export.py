@@ -19,7 +19,7 @@ import torch
 from torch.export import Dim
 
 from models import OfficialGenerator, load_generator
-from utils import die
+from utils import die, write_atomic
 
 # What a caller must do around the network; written into every exported file.
 CONTRACT = {
@@ -125,24 +125,24 @@ def main(argv=None):
     G = load_generator(opt.checkpoint, opt.generator)  # on the CPU: the file it writes runs on any device
     channels = G.model[1].in_channels
     meta = metadata(G, opt.checkpoint, opt.generator)
-    # Written and checked under a temporary name, then renamed: a failed export never
-    # leaves a file under the name a deployment would load.
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(output)}")  # same extension: torch.export checks it
-    try:
+    # Written and checked under a temporary name (f.name, with the same extension: torch.export
+    # checks it), then renamed: a failed export never leaves a file under the name a deployment would load.
+    diffs = []
+
+    def write_and_check(f):
         try:
-            (save_onnx if opt.format == "onnx" else save_pt2)(G, meta, tmp)
-            diff = check(G, tmp, opt.format, channels)
-        except SystemExit:
+            (save_onnx if opt.format == "onnx" else save_pt2)(G, meta, f.name)
+            diffs.append(check(G, f.name, opt.format, channels))
+        except (SystemExit, OSError):
             raise
         except Exception as e:
             die(f"exporting {opt.checkpoint} to {opt.format} failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})")
         # 1/255 of the [0, 1] image is 2/255 of the [-1, 1] output
-        if diff is not None and diff > 2 / 255:
-            die(f"the exported {opt.format} model does not reproduce {opt.checkpoint} (max difference {diff:.3g} > 2/255); nothing written")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if diffs[0] is not None and diffs[0] > 2 / 255:
+            die(f"the exported {opt.format} model does not reproduce {opt.checkpoint} (max difference {diffs[0]:.3g} > 2/255); nothing written")
+
+    write_atomic(output, write_and_check)
+    diff = diffs[0]
     print(f"wrote {output} ({opt.format}, {os.path.getsize(output) / 2**20:.1f} MiB): {meta['architecture']}, {channels} channels")
     print(f"  input  {meta['input']}\n  size   {meta['size']}\n  output {meta['output']}")
     if diff is None:

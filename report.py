@@ -7,6 +7,7 @@ translations (<output_dir>/index.html). Nothing here changes what is trained.
 """
 import csv
 import html
+import io
 import os
 import urllib.parse
 import sys
@@ -20,7 +21,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from datasets import split_dirs
-from utils import die, save_atomic, write_text_atomic
+from utils import die, save_atomic, write_atomic, write_failed, write_text_atomic
 
 # What train_step returns, in the order of log.csv's columns.
 LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity", "loss_D_A", "loss_D_B")
@@ -85,13 +86,16 @@ class TrainingLog:
     def write_pending(self):
         values = torch.stack([p[4] for p in self.pending]).float().cpu().tolist()  # the one device sync
         now = time.time()
-        for (epoch, batch, iteration, lr, _), v in zip(self.pending, values):
-            self.csv.writerow([epoch, batch, iteration, *[f"{x:.6g}" for x in v], f"{lr:.6g}", f"{now:.3f}"])
-            if self.writer is not None:  # the values are on the host already: no extra sync
-                for name, x in zip(LOSS_NAMES, v):
-                    self.writer.add_scalar(f"loss/{name.removeprefix('loss_')}", x, iteration)
-                self.writer.add_scalar("lr", lr, iteration)
-        self.file.flush()
+        try:
+            for (epoch, batch, iteration, lr, _), v in zip(self.pending, values):
+                self.csv.writerow([epoch, batch, iteration, *[f"{x:.6g}" for x in v], f"{lr:.6g}", f"{now:.3f}"])
+                if self.writer is not None:  # the values are on the host already: no extra sync
+                    for name, x in zip(LOSS_NAMES, v):
+                        self.writer.add_scalar(f"loss/{name.removeprefix('loss_')}", x, iteration)
+                    self.writer.add_scalar("lr", lr, iteration)
+            self.file.flush()
+        except OSError as e:
+            die(write_failed(self.path, e, 1024, f"{self.model_dir}/last.pt is intact: free some space, then continue with --resume"))
         self.pending = []
         return values
 
@@ -109,6 +113,13 @@ class TrainingLog:
         if self.writer is not None and rate:
             self.writer.add_scalar("iterations_per_s", rate, done - 1)
         print(tqdm.format_meter(done, self.total, elapsed, rate=rate, unit="it", postfix=postfix, ascii=True), flush=True)
+
+    def remove_if_empty(self):
+        self.close()
+        with open(self.path, newline="") as f:
+            empty = sum(1 for _ in zip(range(2), f)) < 2
+        if empty:
+            os.remove(self.path)
 
     def close(self):
         if self.pending:
@@ -129,10 +140,13 @@ def keep_rows_before(path, iteration, header):
             rows = [r for r in rows[1:] if len(r) == len(header) and r[2].isdigit() and int(r[2]) < iteration]
         else:
             rows = []
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    os.replace(tmp, path)
+    write_text_atomic(path, csv_text([header, *rows]))
+
+
+def csv_text(rows):
+    out = io.StringIO(newline="")
+    csv.writer(out).writerows(rows)
+    return out.getvalue()
 
 
 # -----------------------------------------------------------------------------
@@ -170,12 +184,15 @@ def record_evaluation(results, epoch, iteration, nets, model_dir, best_fid, writ
     path = os.path.join(model_dir, "eval.csv")
     header = ["epoch", "iteration"] + [f"{g}_{c}" for g in ("G_AB", "G_BA") for c in EVAL_COLUMNS] + ["n", "seconds"]
     new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(header)
-        w.writerow([epoch, iteration] + [f"{results[g][c]:.6g}" if c in results[g] else "" for g in ("G_AB", "G_BA") for c in EVAL_COLUMNS]
-                   + [results["G_AB"]["n_fake"], f"{sum(r['seconds'] for r in results.values()):.1f}"])
+    try:
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(header)
+            w.writerow([epoch, iteration] + [f"{results[g][c]:.6g}" if c in results[g] else "" for g in ("G_AB", "G_BA") for c in EVAL_COLUMNS]
+                       + [results["G_AB"]["n_fake"], f"{sum(r['seconds'] for r in results.values()):.1f}"])
+    except OSError as e:
+        die(write_failed(path, e, 1024, f"{model_dir}/last.pt is intact: free some space, then continue with --resume"))
     line = []
     for g, r in results.items():
         line.append(f"{g} FID {r['fid']:.2f} (identity {r['fid_identity']:.2f}) KID {r['kid_mean']:.4f} +- {r['kid_std']:.4f}"
@@ -198,10 +215,7 @@ def keep_eval_rows_until(model_dir, epoch):
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
         kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= epoch]
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        os.replace(tmp, path)
+        write_text_atomic(path, csv_text(kept))
 
 
 # -----------------------------------------------------------------------------
@@ -220,8 +234,7 @@ def sample_images(path, real_A, real_B, G_AB, G_BA, autocast=nullcontext()):
     G_BA.train()
     rows = torch.cat([real_A, fake_B, real_B, fake_A])
     grid = make_grid((rows + 1) / 2, nrow=real_A.size(0), padding=2, pad_value=1.0).clamp(0, 1)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_image(grid, path)
+    write_atomic(path, lambda f: save_image(grid, f, format="png"))
     return grid
 
 
@@ -291,10 +304,8 @@ def plot_curves(folder, log_csv, eval_csv):
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = os.path.join(folder, ".tmp-" + png)
-        fig.savefig(tmp, dpi=80, format="png")
+        write_atomic(os.path.join(folder, png), lambda f: fig.savefig(f, dpi=80, format="png"))
         plt.close(fig)
-        os.replace(tmp, os.path.join(folder, png))
         written.append(png)
     return written
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -29,12 +30,16 @@ from datasets import IMG_EXTENSIONS, list_images, load_image, to_image, to_tenso
 from models import load_generator, translate
 from report import write_translations_page
 from tiling import NotEnoughTempSpace, translate_tiled
-from utils import die, pick_device, pick_precision
+from utils import check_writable, die, pick_device, pick_precision, write_atomic
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 ANIMATION_EXTENSIONS = (".gif", ".webp")  # translated frame by frame when they hold several frames
 AUTO_TILE_PIXELS = 2048 * 2048  # larger images are translated in strips unless --tile says otherwise
 DEFAULT_TILE = 1024
+# Pillow's guard against decompression bombs (a tiny file that claims a huge size), set high
+# enough for any photo: strips bound the model's memory, but the decoded image itself is
+# held whole, 3 bytes a pixel (600 MB at 200 megapixels), and its translation beside it.
+DEFAULT_MAX_MEGAPIXELS = 200
 
 
 def get_parser():
@@ -55,6 +60,8 @@ def get_parser():
                    help=f"translate in strips of about N x N pixels (exact whole-image InstanceNorm statistics); "
                         f"0: never; default: only images above {AUTO_TILE_PIXELS / 1e6:.1f} megapixels, with --tile {DEFAULT_TILE}")
     p.add_argument("--batch_size", type=int, default=4, help="video and animation frames translated at once")
+    p.add_argument("--max_megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
+                   help="refuse (skip) images larger than this: a small file can claim a size that would exhaust the memory")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
                    help="precision: auto takes bf16 where the hardware computes it natively, else fp32; none: fp32")
@@ -71,6 +78,9 @@ def parse_args(argv):
         die(f"--tile {opt.tile}: give a strip size in pixels (e.g. {DEFAULT_TILE}), or 0 to never translate in strips")
     if opt.batch_size < 1:
         die(f"--batch_size {opt.batch_size}: must be at least 1")
+    if not opt.max_megapixels > 0:
+        die(f"--max_megapixels {opt.max_megapixels}: must be positive")
+    check_writable(opt.output_dir, "--output_dir")
     return opt
 
 
@@ -86,15 +96,18 @@ def main(argv=None):
     G = load_generator(opt.checkpoint, opt.generator).to(device, dtype or torch.float32)
     channels = next(m for m in G.modules() if isinstance(m, nn.Conv2d)).in_channels
 
-    Image.MAX_IMAGE_PIXELS = None  # the user's own photos, of any size: --tile bounds the memory
+    # above the limit Pillow warns and above twice that it refuses: refuse from the limit on
+    Image.MAX_IMAGE_PIXELS = int(opt.max_megapixels * 1e6)
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
     paths = find_inputs(opt.image_path)
     if not paths:
         die(f"--image_path {opt.image_path}: no image or video files there ({', '.join(IMG_EXTENSIONS + VIDEO_EXTENSIONS)})")
+    stems, kinds = output_stems(paths), [input_kind(p) for p in paths]
+    refuse_writing_over_inputs(paths, stems, kinds, opt)
     os.makedirs(opt.output_dir, exist_ok=True)
     failed, scores, rows = [], [], []
     t0 = time.time()
-    for k, (path, stem) in enumerate(zip(paths, output_stems(paths))):
-        kind = input_kind(path)
+    for k, (path, stem, kind) in enumerate(zip(paths, stems, kinds)):
         try:
             if kind == "image":
                 row, s = translate_image_file(G, path, stem, opt, channels)
@@ -176,6 +189,25 @@ def output_stems(paths):
     return names
 
 
+def output_ext(path, kind):
+    return ".png" if kind == "image" else ".mp4" if kind == "video" else os.path.splitext(path)[1].lower()
+
+
+def refuse_writing_over_inputs(paths, stems, kinds, opt):
+    """Stop before translating anything when a file this run writes (a translation, the
+    results page, its copies of inputs and references) is one of the inputs or references."""
+    outputs = [os.path.join(opt.output_dir, "index.html")]
+    for path, stem, kind in zip(paths, stems, kinds):
+        outputs += [os.path.join(opt.output_dir, stem + output_ext(path, kind)),
+                    os.path.join(opt.output_dir, "inputs", stem + (".png" if kind == "image" else os.path.splitext(path)[1].lower())),
+                    os.path.join(opt.output_dir, "references", stem + ".png")]
+    inputs = {os.path.realpath(p): p for p in paths + (list_images(opt.reference_dir) if opt.reference_dir else [])}
+    clash = next((o for o in outputs if os.path.realpath(o) in inputs), None)
+    if clash is not None:
+        die(f"--output_dir {opt.output_dir}: writing {clash} would overwrite the input {inputs[os.path.realpath(clash)]}; "
+            f"choose another --output_dir")
+
+
 class Unreadable(Exception):
     """An input that cannot be decoded: named on stderr and skipped, the others translated."""
 
@@ -184,19 +216,20 @@ def translate_image_file(G, path, stem, opt, channels):
     """Translate one still image; returns its results-page row and its score (or None)."""
     try:
         img = prepare(load_image(path, channels), opt)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise Unreadable(f"{e} Above --max_megapixels {opt.max_megapixels:g}: pass a larger one if you trust this file") from e
     except Exception as e:
         raise Unreadable(f"{type(e).__name__}: {e}") from e
     tiling_note(path, img.width, img.height, opt)
     out = translate_one(G, img, opt)
-    (side_by_side(img, out) if opt.side_by_side else out).save(os.path.join(opt.output_dir, stem + ".png"))
+    save_png(side_by_side(img, out) if opt.side_by_side else out, os.path.join(opt.output_dir, stem + ".png"))
     row = {"kind": "image", "output": stem + ".png", "input": save_page_input(img, stem, opt.output_dir)}
     s = None
     if opt.reference_dir:
         s, ref = score(path, img, out, opt.reference_dir, channels)
         if ref is not None:
             row["reference"] = os.path.join("references", stem + ".png")
-            os.makedirs(os.path.join(opt.output_dir, "references"), exist_ok=True)
-            ref.save(os.path.join(opt.output_dir, row["reference"]))
+            save_png(ref, os.path.join(opt.output_dir, row["reference"]))
         row["score"] = s
     return row, s
 
@@ -224,6 +257,10 @@ def translate_one(G, img, opt):
     return to_image(translate_tiled(G, levels.to(p.device), rows))
 
 
+def save_png(img, path):
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
+
+
 def side_by_side(img, out):
     both = Image.new(out.mode, (img.width + out.width, out.height))
     both.paste(img, (0, 0))
@@ -234,9 +271,8 @@ def side_by_side(img, out):
 def save_page_input(img, stem, output_dir):
     """The image the model saw (after EXIF rotation, conversion, --img_height/width), as a
     PNG under output_dir/inputs/, so the results page works wherever the inputs were."""
-    os.makedirs(os.path.join(output_dir, "inputs"), exist_ok=True)
     rel = os.path.join("inputs", stem + ".png")
-    img.save(os.path.join(output_dir, rel))
+    save_png(img, os.path.join(output_dir, rel))
     return rel
 
 
@@ -281,18 +317,12 @@ def import_av():
 def translate_frames_file(G, path, stem, kind, opt, channels):
     """Translate a video (written as MP4, H.264) or an animated GIF/WebP (written in its own
     format with the same frame durations and loop); returns its results-page row."""
-    ext = ".mp4" if kind == "video" else os.path.splitext(path)[1].lower()
-    out_path = os.path.join(opt.output_dir, stem + ext)
-    tmp = os.path.join(opt.output_dir, f".{stem}.part{ext}")  # renamed into place once complete
-    try:
-        if kind == "video":
-            n = translate_video(G, path, tmp, opt, channels)
-        else:
-            n = translate_animation(G, path, tmp, opt, channels)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    ext = output_ext(path, kind)
+    n = []
+    write_atomic(os.path.join(opt.output_dir, stem + ext),  # streamed into a temporary file (f.name), renamed once complete
+                 lambda f: n.append((translate_video if kind == "video" else translate_animation)(G, path, f.name, opt, channels)),
+                 passes=(NotEnoughTempSpace,))
+    n = n[0]
     row = {"kind": kind, "output": stem + ext, "frames": n,
            "input": os.path.join("inputs", stem + os.path.splitext(path)[1].lower())}
     os.makedirs(os.path.join(opt.output_dir, "inputs"), exist_ok=True)
@@ -306,7 +336,12 @@ def link_or_copy(src, dst):
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copyfile(src, dst)
+        write_atomic(dst, lambda f: copy_into(src, f))
+
+
+def copy_into(src, f):
+    with open(src, "rb") as s:
+        shutil.copyfileobj(s, f)
 
 
 def translate_video(G, path, out_path, opt, channels):

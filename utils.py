@@ -8,6 +8,7 @@ import os
 import pickle
 import platform
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -93,26 +94,42 @@ def die(msg):
     sys.exit(2)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, fsync it, then rename it
-    over `path`: a crash or a full disk mid-save leaves the old file intact."""
+def write_atomic(path, write, hint="the previous one, if any, is intact", required=True, passes=()):
+    """The one way every script writes a file: write(f) fills a temporary file in the same
+    folder (f is open in binary mode; f.name is its path, with the same extension, for
+    writers that want a path), which is fsynced and renamed over `path`, so a crash or a
+    full disk mid-write leaves the old file intact and no half file under the name.
+    A failed write (full disk, quota, file size limit; torch reports some as RuntimeError)
+    stops with one line naming the file, the space it needed and the space free, then
+    `hint`; with required=False it prints that as a warning and returns False instead.
+    Errors of the types in `passes` (and out of memory) are not write errors: they are raised."""
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    umask = os.umask(0)
-    os.umask(umask)
+    tmp = None
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; an output is an ordinary file
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, (torch.OutOfMemoryError, *passes)):
+            raise
+        written = os.path.getsize(tmp) if tmp and os.path.exists(tmp) else 0
+        old = os.path.getsize(path) if os.path.isfile(path) else 0
+        msg = write_failed(path, e, max(written, old), hint)
+        if required:
+            die(msg)
+        print(f"warning: {msg}", file=sys.stderr)
+        return False
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
     try:  # make the rename itself durable
         dfd = os.open(folder, os.O_RDONLY)
         try:
@@ -121,20 +138,55 @@ def save_atomic(obj, path):
             os.close(dfd)
     except OSError:
         pass
+    return True
+
+
+def write_failed(path, e, needed, hint):
+    """The one line for a write that failed: the file, the error, the space needed and free."""
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    size = f"{needed / 2**20:.1f} MiB" if needed >= 2**20 else f"{max(1, round(needed / 2**10))} KiB"
+    return f"could not write {path} ({type(e).__name__}: {first}); it needs at least {size}, {free}; {hint}"
+
+
+def save_atomic(obj, path, hint="the previous one, if any, is intact"):
+    """torch.save through write_atomic."""
+    return write_atomic(path, lambda f: torch.save(obj, f), hint)
 
 
 def write_text_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(folder, flag):
+    """Stop with one line, before any work, when `folder` cannot be created or written:
+    its nearest existing ancestor must be a writable folder (a read-only file system
+    counts; a file in the way too, which fails even for root)."""
+    folder = os.path.abspath(folder)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        die(f"{flag}: cannot write to {folder}: {existing} is a file, not a folder; choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        die(f"{flag}: cannot write to {folder}: {existing} is not writable (read-only folder or file system); "
+            f"choose another folder or make it writable")
 
 
 def clean_killed_saves(folder):
-    """The temporary files save_atomic leaves behind when it is killed midway."""
+    """The temporary files write_atomic leaves behind when it is killed midway."""
     if os.path.isdir(folder):
         for f in os.listdir(folder):
-            if f.startswith(".tmp-") and f.endswith(".pt"):
+            if f.startswith(".tmp-"):
                 os.remove(os.path.join(folder, f))
 
 
@@ -253,12 +305,8 @@ class TrainingState:
             dist.all_gather_object(replay_buffers, self.buffer_states(), group=group)
             if dist.get_rank() != 0:
                 return
-        state = self.state_dict(replay_buffers)
-        try:
-            save_atomic(state, path)
-        except (OSError, RuntimeError) as e:  # disk full, quota, file size limit, ... (torch reports some as RuntimeError)
-            die(f"could not write {path} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-                f"the previous one, if any, is intact: free some space, then continue with --resume")
+        save_atomic(self.state_dict(replay_buffers), path,
+                    "the previous one, if any, is intact: free some space, then continue with --resume")
 
 
 class StopSignal:

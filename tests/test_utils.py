@@ -169,8 +169,8 @@ def test_save_atomic_writes_a_loadable_file_and_replaces_the_old_one(tmp_path):
     assert os.listdir(path.parent) == ["model.pth"]
 
 
-@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
-def test_save_atomic_failure_mid_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, exc):
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), RuntimeError("unexpected pos"), KeyboardInterrupt()])
+def test_save_atomic_failure_mid_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, exc, capsys):
     path = tmp_path / "model.pth"
     save_atomic({"w": torch.arange(3)}, path)
     before = path.read_bytes()
@@ -182,9 +182,12 @@ def test_save_atomic_failure_mid_write_keeps_old_file_and_leaves_no_temp(tmp_pat
         raise exc
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(type(exc)):
+    # a write error (full disk: OSError, or torch's RuntimeError) is one line; an interrupt stays one
+    with pytest.raises(KeyboardInterrupt if isinstance(exc, KeyboardInterrupt) else SystemExit):
         save_atomic({"w": torch.arange(100)}, path)
     monkeypatch.undo()
+    if not isinstance(exc, KeyboardInterrupt):
+        assert one_line_error(capsys).startswith(f"error: could not write {path} ({type(exc).__name__}: ")
     assert wrote  # the failure really happened mid-write
     assert path.read_bytes() == before
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
