@@ -498,14 +498,14 @@ def save_epoch_weights(nets, model_dir, done):
         save_atomic(net.state_dict(), os.path.join(model_dir, f"{name}_{done}.pth"))
 
 
-def batches_or_die(dataloader, dataset, log):
+def batches_or_die(dataloader, dataset, report):
     """The dataloader's batches; a training folder without one readable image ends the run
     with one line, leaving no log.csv without rows behind."""
     try:
         yield from dataloader
     except NoReadableImage:
-        if log is not None:
-            log.remove_if_empty()
+        if report is not None:
+            report.log.remove_if_empty()
         check_some_readable(dataset)
         raise
 
