@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from datasets import (BUILTIN_DATASET, ImageDataset, UnpairedSampler, UnreadableFiles, fixed_samples, make_day2night,
-                      split_dirs, train_transforms, verify_images)
+from datasets import (ImageDataset, UnpairedSampler, UnreadableFiles, fixed_samples, split_dirs, train_transforms,
+                      verify_images)
 from models import Discriminator, GeneratorResNet, clean_state_dict, weights_init_normal
+from synthetic import BUILTIN_DATASET, make_day2night
 from utils import (LambdaLR, ReplayBuffer, StopSignal, autocast_context, check_finite_weights, die, load_checkpoint,
                    load_training_state, pick_device, pick_precision, save_atomic, save_training_state)
 

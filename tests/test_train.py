@@ -297,7 +297,7 @@ def test_short_run_on_builtin_dataset_translates_better_than_identity(tmp_path):
     """A short CPU run on a tiny built-in dataset: G_AB's day->night translations of
     the paired test scenes are much closer to the night ground truth than the
     untranslated inputs are (the identity baseline)."""
-    from datasets import make_day2night
+    from synthetic import make_day2night
     # 80 iterations: the MAE ratio is about 0.15-0.2 here (0.1 after 180), far below the bound
     make_day2night(tmp_path / "data" / "synthetic_day2night", n_train=40, n_test=8, size=32, seed=3)
     r = run(tmp_path, "--dataset_name", "synthetic_day2night", "--img_height", "32", "--img_width", "32",
