@@ -71,23 +71,6 @@ def load_image(path, channels=3):
     raise ValueError(f"--channels must be 1 or 3, got {channels}")
 
 
-def to_tensor(img):
-    """An 8-bit image as a (1, C, H, W) float tensor in [-1, 1], as the models see it."""
-    a = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
-    return (a.unsqueeze(0) if a.ndim == 2 else a.permute(2, 0, 1)).unsqueeze(0)
-
-
-def to_levels(t):
-    """[-1, 1] to 8-bit levels: (y + 1) / 2, rounded, no stretch."""
-    return ((t.float().clamp(-1, 1) + 1) * 127.5).round().byte()
-
-
-def to_image(t):
-    """A (1, C, H, W) tensor, in [-1, 1] or already 8-bit levels, as an image."""
-    a = (t if t.dtype == torch.uint8 else to_levels(t))[0].permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
-
-
 class ResizeCover:
     """Resize the shorter side to `size` (as transforms.Resize(size)), but never
     below (min_h, min_w), so a following crop of that size always fits, also

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets import list_images, load_image, split_dirs, to_image, to_tensor
-from models import load_generator, translate
+from datasets import list_images, load_image, split_dirs
+from models import load_generator, to_image, to_tensor, translate
 from utils import die, pick_device, pick_precision
 
 

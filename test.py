@@ -28,8 +28,8 @@ import torch.nn as nn
 from PIL import Image, ImageSequence
 from tqdm import tqdm
 
-from datasets import IMG_EXTENSIONS, list_images, load_image, to_image, to_tensor
-from models import load_generator, translate
+from datasets import IMG_EXTENSIONS, list_images, load_image
+from models import load_generator, to_image, to_tensor, translate
 from tiling import NotEnoughTempSpace, translate_tiled
 from utils import die, pick_device, pick_precision
 
