@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from datasets import list_images, load_image, split_dirs
 from models import load_generator, to_image, to_tensor, translate
-from utils import die, pick_device, pick_precision
+from utils import die, first_line, pick_device, pick_precision
 
 
 PROTOCOL = "pytorch-fid: load_image RGB uint8 /255, bilinear 299x299 align_corners=False, 2x-1, FID Inception pool3 2048"
@@ -118,7 +118,7 @@ def load_inception(path=None, device="cpu"):
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
             module = torch.jit.load(path, map_location="cpu")
     except Exception as e:
-        die(f"--inception {path} is not a TorchScript file ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+        die(f"--inception {path} is not a TorchScript file ({type(e).__name__}: {first_line(e)})")
     net = module.net.layers if hasattr(module, "net") else getattr(module, "layers", None)
     if net is None:
         die(f"--inception {path}: a TorchScript module without `.net.layers` or `.layers`, so not an FID Inception")

@@ -19,7 +19,7 @@ import torch
 from torch.export import Dim
 
 from models import OfficialGenerator, load_generator
-from utils import die
+from utils import die, first_line
 
 # What a caller must do around the network; written into every exported file.
 CONTRACT = {
@@ -135,7 +135,7 @@ def main(argv=None):
         except SystemExit:
             raise
         except Exception as e:
-            die(f"exporting {opt.checkpoint} to {opt.format} failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})")
+            die(f"exporting {opt.checkpoint} to {opt.format} failed ({type(e).__name__}: {first_line(e, 300)})")
         # 1/255 of the [0, 1] image is 2/255 of the [-1, 1] output
         if diff is not None and diff > 2 / 255:
             die(f"the exported {opt.format} model does not reproduce {opt.checkpoint} (max difference {diff:.3g} > 2/255); nothing written")

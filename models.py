@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from utils import die, load_checkpoint
+from utils import die, first_line, load_checkpoint
 
 
 def weights_init_normal(m):
@@ -244,7 +244,7 @@ def load_generator(path, generator=None):
     try:
         return build_generator(state).eval()
     except (ValueError, RuntimeError, KeyError, AttributeError, TypeError, IndexError) as e:
-        die(f"{path} is not a CycleGAN generator checkpoint ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
+        die(f"{path} is not a CycleGAN generator checkpoint ({first_line(e) or type(e).__name__})")
 
 
 # -----------------------------------------------------------------------------

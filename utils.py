@@ -93,6 +93,13 @@ def die(msg):
     sys.exit(2)
 
 
+def first_line(e, limit=200):
+    """The first line of an exception's message, cut to `limit` characters ('' if it has
+    none): a library's multi-line message would otherwise break the one-line error."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, fsync it, then rename it
     over `path`: a crash or a full disk mid-save leaves the old file intact."""
@@ -135,10 +142,10 @@ def load_checkpoint(path, map_location="cpu"):
         die(
             f"checkpoint {path} was refused: it needs arbitrary code to unpickle "
             f"(weights_only=True), so it is not a plain state_dict; re-save it as one "
-            f"only if you trust its source ({str(e).splitlines()[0][:200]})"
+            f"only if you trust its source ({first_line(e)})"
         )
     except Exception as e:  # truncated or not a torch file at all
-        die(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); is it a complete .pth file?")
+        die(f"checkpoint {path} could not be read ({type(e).__name__}: {first_line(e)}); is it a complete .pth file?")
 
 
 # -----------------------------------------------------------------------------

@@ -411,3 +411,10 @@ def test_cpu_info_reads_this_machines_flags():
         with open("/proc/cpuinfo") as f:
             first = next(line for line in f if line.startswith("flags"))
         assert flags == set(first.split(":", 1)[1].split())
+
+
+def test_first_line_is_the_messages_first_line_cut_to_the_limit_and_empty_for_no_message():
+    assert utils.first_line(RuntimeError("\n  size mismatch for model.1\n  more detail\n")) == "size mismatch for model.1"
+    assert utils.first_line(ValueError("x" * 500)) == "x" * 200
+    assert utils.first_line(ValueError("x" * 500), 300) == "x" * 300
+    assert utils.first_line(KeyError()) == ""
