@@ -43,6 +43,17 @@ def split_dirs(root, mode):
     )
 
 
+def composite_on_white(img):
+    """Transparency (an alpha channel, or a palette's transparent colour) composited on
+    white; an image without any is returned as it is."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img
+
+
 def load_image(path, channels=3):
     """Open any image the dataset accepts as 8-bit RGB (channels=3) or L (channels=1):
     EXIF orientation applied, 16-bit scaled down (not clipped), transparency
@@ -58,12 +69,7 @@ def load_image(path, channels=3):
         a = np.asarray(img, dtype=np.float64)
         scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0
         img = Image.fromarray(np.clip(np.round(a * scale), 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
+    img = composite_on_white(img)
     if channels == 1:
         return img.convert("L")
     if channels == 3:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from PIL import Image, ImageSequence
 from tqdm import tqdm
 
-from datasets import IMG_EXTENSIONS, list_images, load_image
+from datasets import IMG_EXTENSIONS, composite_on_white, list_images, load_image
 from models import load_generator, to_image, to_tensor, translate
 from tiling import NotEnoughTempSpace, translate_tiled
 from utils import die, pick_device, pick_precision
@@ -382,10 +382,7 @@ def translate_animation(G, path, out_path, opt, channels):
 
 def model_frame(frame, channels):
     """A decoded frame in the model's channels, transparency composited on white as load_image does."""
-    if frame.mode in ("RGBA", "LA", "PA", "P"):
-        rgba = frame.convert("RGBA")
-        frame = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return frame.convert("L" if channels == 1 else "RGB")
+    return composite_on_white(frame).convert("L" if channels == 1 else "RGB")
 
 
 def translate_batches(G, frames, opt):
