@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets import list_images, load_image, split_dirs
-from models import load_generator, to_image, to_tensor, translate
+from models import generator_channels, load_generator, to_image, to_tensor, translate
 from utils import die, first_line, pick_device, pick_precision
 
 
@@ -264,6 +264,18 @@ def kid_from_features(real, fake, n_subsets=KID_SUBSETS, subset_size=KID_SUBSET_
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def pixel_errors(reference, translation, source):
+    """[MAE, MSE] of the translation and then of the untranslated source against the
+    reference (same size, 8-bit images), in [0, 1] units."""
+    r, o, x = (np.asarray(a, dtype=np.float64) / 255 for a in (reference, translation, source))
+    return [np.abs(o - r).mean(), ((o - r) ** 2).mean(), np.abs(x - r).mean(), ((x - r) ** 2).mean()]
+
+
+def psnr(mse):
+    """Peak signal-to-noise ratio in dB of a mean squared error in [0, 1] units."""
+    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
+
+
 def scores(real, fake, prefix=""):
     kid_mean, kid_std = kid_from_features(real, fake)
     return {f"fid{prefix}": fid_from_features(real, fake), f"kid{prefix}_mean": kid_mean, f"kid{prefix}_std": kid_std}
@@ -283,13 +295,12 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
     tgt = folder_images(dir_tgt, n, "target")
     stems = [os.path.splitext(os.path.basename(p))[0] for p in src]
     paired = stems == [os.path.splitext(os.path.basename(p))[0] for p in tgt]
-    conv = next(m for m in G.modules() if isinstance(m, torch.nn.Conv2d))
-    channels, dtype = conv.in_channels, conv.weight.dtype
+    channels, dtype = generator_channels(G)[0], next(G.parameters()).dtype
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
     was_training = G.training
     G.eval()
-    fake, pixel_errors = [], []
+    fake, errors = [], []
     try:
         for i in range(0, len(src), batch_size):  # translate a batch, take its features, drop the images
             batch = []
@@ -301,9 +312,8 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
                     out.save(os.path.join(output_dir, (stems[k] if stems.count(stems[k]) == 1 else os.path.basename(src[k])) + ".png"))
                 if paired:
                     ref = read_image(tgt[k], channels)
-                    if ref.size == out.size:  # MAE and MSE in [0, 1] units, as test.py --reference_dir
-                        r, o, x = (np.asarray(a, dtype=np.float64) / 255 for a in (ref, out, img))
-                        pixel_errors.append([np.abs(o - r).mean(), ((o - r) ** 2).mean(), np.abs(x - r).mean(), ((x - r) ** 2).mean()])
+                    if ref.size == out.size:  # as test.py --reference_dir
+                        errors.append(pixel_errors(ref, out, img))
             fake.append(image_features(batch, net, device, batch_size))
     finally:
         G.train(was_training)
@@ -312,10 +322,9 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
     inputs, _ = folder_features(dir_src, net, device, n, batch_size, cache_dir, "source")
     results = {**scores(real, fake), **scores(real, inputs, "_identity"), "n_real": len(real), "n_fake": len(fake),
                "real_cached": real_cached}
-    if pixel_errors:
-        e = np.mean(pixel_errors, axis=0)
-        psnr = lambda mse: 10 * math.log10(1 / mse) if mse > 0 else float("inf")  # noqa: E731
-        results.update(mae=float(e[0]), psnr=psnr(e[1]), mae_identity=float(e[2]), psnr_identity=psnr(e[3]), n_paired=len(pixel_errors))
+    if errors:
+        e = np.mean(errors, axis=0)
+        results.update(mae=float(e[0]), psnr=psnr(e[1]), mae_identity=float(e[2]), psnr_identity=psnr(e[3]), n_paired=len(errors))
     results["seconds"] = time.time() - t0
     return results
 

@@ -202,6 +202,13 @@ def generator_config(state_dict):
     return arch, first.shape[1], state_dict[last_conv].shape[0], n_blocks
 
 
+def generator_channels(G):
+    """(input channels, output channels) of a generator module, read off its weights
+    as generator_config reads them off a checkpoint."""
+    _, c_in, c_out, _ = generator_config(G.state_dict())
+    return c_in, c_out
+
+
 def clean_state_dict(state_dict):
     """Strip what other code wraps around a generator's weights: the 'module.' of
     DataParallel/DDP, the '_orig_mod.' of torch.compile, and the InstanceNorm

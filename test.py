@@ -24,12 +24,12 @@ import urllib.parse
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image, ImageSequence
 from tqdm import tqdm
 
 from datasets import IMG_EXTENSIONS, composite_on_white, list_images, load_image
-from models import load_generator, to_image, to_tensor, translate
+from evaluate import pixel_errors, psnr
+from models import generator_channels, load_generator, to_image, to_tensor, translate
 from tiling import NotEnoughTempSpace, translate_tiled
 from utils import die, pick_device, pick_precision
 
@@ -86,7 +86,7 @@ def main(argv=None):
     # bit, for these generators (every layer computes in that dtype under autocast anyway;
     # padding only copies values), without autocast's casts at every call (see bench.py).
     G = load_generator(opt.checkpoint, opt.generator).to(device, dtype or torch.float32)
-    channels = next(m for m in G.modules() if isinstance(m, nn.Conv2d)).in_channels
+    channels = generator_channels(G)[0]
 
     Image.MAX_IMAGE_PIXELS = None  # the user's own photos, of any size: --tile bounds the memory
     paths = find_inputs(opt.image_path)
@@ -253,12 +253,7 @@ def score(path, img, out, reference_dir, channels):
     if ref.size != out.size:
         print(f"warning: {refs[0]} is {ref.size[0]}x{ref.size[1]}, the output {out.size[0]}x{out.size[1]}; not scored", file=sys.stderr)
         return None, ref
-    r, o, i = (np.asarray(a, dtype=np.float64) / 255.0 for a in (ref, out, img))
-    return [np.abs(o - r).mean(), ((o - r) ** 2).mean(), np.abs(i - r).mean(), ((i - r) ** 2).mean()], ref
-
-
-def psnr(mae_mse):
-    return 10 * math.log10(1.0 / mae_mse) if mae_mse > 0 else float("inf")
+    return pixel_errors(ref, out, img), ref
 
 
 def strip_rows_for(tile, h, w):
