@@ -51,7 +51,7 @@ RESUME_HARMLESS = {"resume", "sample_interval", "checkpoint_interval", "save_lat
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train CycleGAN.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # the seed's flags, with its defaults
+    # the seed's flags keep its names and defaults, so its commands run unchanged
     p.add_argument("--epoch", type=int, default=0, help="epoch to start training from: loads saved_models/<dataset>/*_<epoch>.pth when > 0")
     p.add_argument("--n_epochs", type=int, default=200, help="number of epochs of training")
     p.add_argument("--dataset_name", type=str, default="monet2photo", help=f"name of the dataset under data/ ('{BUILTIN_DATASET}' is generated on first use)")
@@ -70,7 +70,6 @@ def get_parser():
     p.add_argument("--lambda_cyc", type=float, default=10.0, help="cycle loss weight")
     p.add_argument("--lambda_id", type=float, default=5.0, help="identity loss weight")
     p.add_argument("--pool_size", type=int, default=50, help="size of the fake image replay buffers; 0 disables them")
-    # additions
     p.add_argument("--data_root", type=str, default=None, help="dataset folder (default: data/<dataset_name>)")
     p.add_argument("--d_receptive_field", type=int, default=94, choices=(94, 70),
                    help="discriminator patch size: 94 is the seed's (4th conv stride 2), 70 the paper's PatchGAN")
@@ -87,7 +86,7 @@ def get_parser():
     p.add_argument("--save_latest_interval", type=int, default=500, help="interval (in batches) between saves of last.pt (it is also saved after every epoch); <= 0: only after epochs")
     p.add_argument("--log_interval", type=int, default=10, help="interval (in batches) between fetching losses for log.csv and the progress line")
     p.add_argument("--verify_data", action="store_true", help="decode every training image before training and report all unreadable ones")
-    # measuring
+    # measuring during training
     p.add_argument("--eval_interval", type=int, default=0, help="interval (in epochs) between FID/KID evaluations of both generators on the test split "
                                                                   "(eval.csv, best_G_AB.pth / best_G_BA.pth); <= 0: never (see evaluate.py)")
     p.add_argument("--eval_n", type=int, default=0, help="test images per domain for --eval_interval; <= 0: all")
@@ -97,17 +96,13 @@ def get_parser():
     return p
 
 
-def explicit_flags(parser, argv):
-    """The flags given on the command line (not left at their defaults)."""
-    quiet = argparse.ArgumentParser(add_help=False)
-    for a in parser._actions:
-        if a.option_strings and a.dest != "help":
-            kwargs = dict(dest=a.dest, default=argparse.SUPPRESS)
-            if isinstance(a, argparse._StoreTrueAction):
-                quiet.add_argument(*a.option_strings, action="store_true", **kwargs)
-            else:
-                quiet.add_argument(*a.option_strings, nargs=a.nargs, type=a.type, const=a.const, **kwargs)
-    return vars(quiet.parse_known_args(argv)[0])
+def explicit_flags(argv, dests):
+    """The flags given on the command line (not left at their defaults): argparse fills in
+    a default only where the namespace it parses into has no value yet, so parsing into one
+    that holds a marker for every flag in `dests` leaves the marker wherever none was given."""
+    missing = object()
+    given = get_parser().parse_args(argv, namespace=argparse.Namespace(**{dest: missing for dest in dests}))
+    return {k: v for k, v in vars(given).items() if v is not missing}
 
 
 def check_flags(opt):
@@ -161,9 +156,8 @@ def find_last_pt(opt, given):
 
 def parse_args(argv):
     """The arguments, checked; with --resume, those of the saved run, except harmless ones given now."""
-    parser = get_parser()
-    opt = parser.parse_args(argv)
-    given = explicit_flags(parser, argv)
+    opt = get_parser().parse_args(argv)
+    given = explicit_flags(argv, vars(opt))
     resume_state = None
     if opt.resume:
         path = find_last_pt(opt, given)
@@ -181,8 +175,6 @@ def parse_args(argv):
                 f"Resume with the same ones, or start a new run")
         opt = argparse.Namespace(**{**vars(opt), **saved, **{k: v for k, v in given.items() if k in RESUME_HARMLESS}})
         opt.resume = path
-        if opt.compile is True or opt.compile is False:  # last.pt of a version whose --compile took no mode
-            opt.compile = "default" if opt.compile else None
     else:
         check_flags(opt)
     if opt.seed is None:  # drawn here and recorded in last.pt (under torchrun, rank 0's is used)

@@ -26,9 +26,6 @@ def weights_init_normal(m):
         nn.init.normal_(m.weight.data, 0.0, 0.02)
         if getattr(m, "bias", None) is not None:
             nn.init.constant_(m.bias.data, 0.0)
-    elif classname.find("BatchNorm2d") != -1:
-        nn.init.normal_(m.weight.data, 1.0, 0.02)
-        nn.init.constant_(m.bias.data, 0.0)
 
 
 # -----------------------------------------------------------------------------

@@ -365,3 +365,10 @@ def test_resume_in_another_precision_says_it_is_a_continuation_not_bitwise(tiny_
     assert "trained on cpu in bf16, this run is on cpu in fp32" in r.stderr and "not bitwise" in r.stderr
     r = run(tiny_data, "--dataset_name", "tiny", "--resume", "--amp", "none")  # the same precision: no note
     assert r.returncode == 0 and "not bitwise" not in r.stderr
+
+
+def test_explicit_flags_are_the_ones_given_even_when_equal_to_the_default():
+    import cyclegan
+    argv = ["--lr", "0.0002", "--verify_data", "--compile", "--resume", "--n_epochs=3", "--amp", "none"]
+    given = cyclegan.explicit_flags(argv, vars(cyclegan.get_parser().parse_args(argv)))
+    assert given == {"lr": 0.0002, "verify_data": True, "compile": "default", "resume": "auto", "n_epochs": 3, "amp": "none"}
