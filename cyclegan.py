@@ -34,8 +34,9 @@ from datasets import (ImageDataset, UnpairedSampler, UnreadableFiles, fixed_samp
                       verify_images)
 from models import Discriminator, GeneratorResNet, clean_state_dict, weights_init_normal
 from synthetic import BUILTIN_DATASET, make_day2night
-from utils import (LambdaLR, ReplayBuffer, StopSignal, autocast_context, check_finite_weights, die, load_checkpoint,
-                   load_training_state, pick_device, pick_precision, save_atomic, save_training_state)
+from utils import (LambdaLR, ReplayBuffer, StopSignal, add_device_args, autocast_context, check_finite_weights,
+                   choose_precision, die, load_checkpoint, load_training_state, pick_device, pick_precision,
+                   precision_name, save_atomic, save_training_state)
 
 # What train_step returns, in the order of log.csv's columns.
 LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity", "loss_D_A", "loss_D_B")
@@ -73,10 +74,7 @@ def get_parser():
     p.add_argument("--data_root", type=str, default=None, help="dataset folder (default: data/<dataset_name>)")
     p.add_argument("--d_receptive_field", type=int, default=94, choices=(94, 70),
                    help="discriminator patch size: 94 is the seed's (4th conv stride 2), 70 the paper's PatchGAN")
-    p.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: CUDA, else Apple's MPS, else the CPU")
-    p.add_argument("--amp", type=str, default="auto", choices=("auto", "none", "bf16", "fp16"),
-                   help="precision: auto picks bf16 where the hardware computes it natively (CUDA compute capability >= 8.0, "
-                        "CPUs with AVX512_BF16 or AMX), else fp32; none: fp32, the seed's numerics; fp16: GPUs only")
+    add_device_args(p)
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="torch.compile the networks; reduce-overhead adds CUDA graphs on GPUs")
@@ -214,9 +212,7 @@ def setup_processes(opt):
 
 def setup_precision(opt, device, procs):
     """The autocast context and, for fp16, the GradScaler."""
-    dtype, warning = pick_precision(opt.amp, device)
-    if warning and procs.master:
-        print(warning, file=sys.stderr)
+    dtype = choose_precision(opt.amp, device, warn=procs.master)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return dtype, autocast_context(device, dtype), scaler
 
@@ -317,10 +313,6 @@ def restore(opt, resume_state, training, device, procs, model_dir):
             print(f"note: last.pt was trained on {was[0]} in {was[1]}, this run is on {now[0]} in {now[1]}: it continues "
                   f"the run, but not bitwise as an uninterrupted run would", file=sys.stderr)
     return epoch, batch
-
-
-def precision_name(dtype):
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def networks_for_step(nets, opt, device, procs):

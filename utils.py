@@ -261,6 +261,33 @@ class StopSignal:
 # -----------------------------------------------------------------------------
 # Device and precision, chosen once at start-up by both cyclegan.py and test.py
 
+PRECISIONS = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --amp's names of autocast dtypes
+
+
+def precision_name(dtype):
+    """'bf16' or 'fp16' for an autocast dtype, 'fp32' for None (no autocast)."""
+    return next((name for name, d in PRECISIONS.items() if d is not None and d == dtype), "fp32")
+
+
+def add_device_args(parser, amp_default="auto", amp_note=""):
+    """--device and --amp, the same flags in every script that computes."""
+    parser.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="auto: CUDA, else Apple's MPS, else the CPU")
+    parser.add_argument("--amp", type=str, default=amp_default, choices=("auto", *PRECISIONS),
+                        help="precision: auto picks bf16 where the hardware computes it natively (CUDA compute capability "
+                             ">= 8.0, CPUs with AVX512_BF16 or AMX), else fp32; none: fp32, the seed's numerics; "
+                             "fp16: GPUs only" + amp_note)
+
+
+def choose_precision(amp, device, warn=True):
+    """pick_precision's dtype for --amp, with its warning, if any, on stderr (warn: this
+    process is the one that prints)."""
+    dtype, warning = pick_precision(amp, device)
+    if warning and warn:
+        print(warning, file=sys.stderr)
+    return dtype
+
+
 def pick_device(name="auto"):
     """The torch.device for --device: 'auto' takes CUDA, then Apple's MPS, then the CPU."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
