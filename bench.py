@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import torch
 
 import cyclegan
-from utils import ReplayBuffer, die, pick_device, pick_precision
+from utils import ReplayBuffer, die, pick_device, pick_precision, precision_name
 
 ROW_OPTIONS = {"fp32": ["--amp", "none"], "bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"],
                "channels_last": ["--channels_last"], "compile": ["--compile", "default"],
@@ -78,8 +78,7 @@ def check_flags(opt):
 
 def precision_label(amp, device):
     """What the step computes in, e.g. 'fp32' or 'bf16 (--amp auto)'."""
-    dtype, _ = pick_precision(amp, device)
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    name = precision_name(pick_precision(amp, device)[0])
     return f"{name} (--amp auto)" if amp == "auto" else name
 
 

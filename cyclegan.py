@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from datasets import (BUILTIN_DATASET, ImageDataset, NoReadableImage, UnpairedSampler, UnreadableFiles, check_some_readable,
-                      fixed_samples, make_day2night, train_transforms, verify_images)
+from datasets import (ImageDataset, NoReadableImage, UnpairedSampler, UnreadableFiles, check_some_readable, fixed_samples,
+                      train_transforms, verify_images)
 from models import Discriminator, GeneratorResNet, clean_state_dict, weights_init_normal
 from report import (LOSS_NAMES, ResultsPage, TrainingLog, build_evaluator, evaluate_generators, keep_eval_rows_until,
                     record_evaluation, sample_images, tensorboard_writer)
-from utils import (LambdaLR, ReplayBuffer, StopSignal, TrainingState, autocast_context, check_finite_weights, check_writable,
-                   clean_killed_saves, die, load_checkpoint, pick_device, pick_precision, save_atomic)
+from synthetic import BUILTIN_DATASET, make_day2night
+from utils import (LambdaLR, ReplayBuffer, StopSignal, TrainingState, add_device_args, autocast_context, check_finite_weights,
+                   check_writable, choose_precision, clean_killed_saves, die, load_checkpoint, pick_device, precision_name,
+                   save_atomic)
 
 # Flags that may differ between a run and its --resume: they change neither the model, nor
 # the data order, nor the algorithm. A resumed run is bitwise the run it continues when it
@@ -45,7 +47,7 @@ RESUME_HARMLESS = {"resume", "sample_interval", "checkpoint_interval", "save_lat
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train CycleGAN.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # the seed's flags, with its defaults
+    # the seed's flags keep its names and defaults, so its commands run unchanged
     p.add_argument("--epoch", type=int, default=0, help="epoch to start training from: loads saved_models/<dataset>/*_<epoch>.pth when > 0")
     p.add_argument("--n_epochs", type=int, default=200, help="number of epochs of training")
     p.add_argument("--dataset_name", type=str, default="monet2photo", help=f"name of the dataset under data/ ('{BUILTIN_DATASET}' is generated on first use) and of the run "
@@ -65,14 +67,10 @@ def get_parser():
     p.add_argument("--lambda_cyc", type=float, default=10.0, help="cycle loss weight")
     p.add_argument("--lambda_id", type=float, default=5.0, help="identity loss weight")
     p.add_argument("--pool_size", type=int, default=50, help="size of the fake image replay buffers; 0 disables them")
-    # additions
     p.add_argument("--data_root", type=str, default=None, help="dataset folder (default: data/<dataset_name>)")
     p.add_argument("--d_receptive_field", type=int, default=94, choices=(94, 70),
                    help="discriminator patch size: 94 is the seed's (4th conv stride 2), 70 the paper's PatchGAN")
-    p.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: CUDA, else Apple's MPS, else the CPU")
-    p.add_argument("--amp", type=str, default="auto", choices=("auto", "none", "bf16", "fp16"),
-                   help="precision: auto picks bf16 where the hardware computes it natively (CUDA compute capability >= 8.0, "
-                        "CPUs with AVX512_BF16 or AMX), else fp32; none: fp32, the seed's numerics; fp16: GPUs only")
+    add_device_args(p)
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="torch.compile the networks; reduce-overhead adds CUDA graphs on GPUs")
@@ -84,7 +82,7 @@ def get_parser():
     p.add_argument("--verify_data", action="store_true", help="decode every training image before training and report all unreadable ones")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that already holds a run: its weights, last.pt, logs and sample grids are deleted first")
-    # measuring
+    # measuring during training
     p.add_argument("--eval_interval", type=int, default=0, help="interval (in epochs) between FID/KID evaluations of both generators on the test split "
                                                                   "(eval.csv, best_G_AB.pth / best_G_BA.pth); <= 0: never (see evaluate.py)")
     p.add_argument("--eval_n", type=int, default=0, help="test images per domain for --eval_interval; <= 0: all")
@@ -94,17 +92,13 @@ def get_parser():
     return p
 
 
-def explicit_flags(parser, argv):
-    """The flags given on the command line (not left at their defaults)."""
-    quiet = argparse.ArgumentParser(add_help=False)
-    for a in parser._actions:
-        if a.option_strings and a.dest != "help":
-            kwargs = dict(dest=a.dest, default=argparse.SUPPRESS)
-            if isinstance(a, argparse._StoreTrueAction):
-                quiet.add_argument(*a.option_strings, action="store_true", **kwargs)
-            else:
-                quiet.add_argument(*a.option_strings, nargs=a.nargs, type=a.type, const=a.const, **kwargs)
-    return vars(quiet.parse_known_args(argv)[0])
+def explicit_flags(argv, dests):
+    """The flags given on the command line (not left at their defaults): argparse fills in
+    a default only where the namespace it parses into has no value yet, so parsing into one
+    that holds a marker for every flag in `dests` leaves the marker wherever none was given."""
+    missing = object()
+    given = get_parser().parse_args(argv, namespace=argparse.Namespace(**{dest: missing for dest in dests}))
+    return {k: v for k, v in vars(given).items() if v is not missing}
 
 
 def check_flags(opt):
@@ -158,9 +152,8 @@ def find_last_pt(opt, given):
 
 def parse_args(argv):
     """The arguments, checked; with --resume, those of the saved run, except harmless ones given now."""
-    parser = get_parser()
-    opt = parser.parse_args(argv)
-    given = explicit_flags(parser, argv)
+    opt = get_parser().parse_args(argv)
+    given = explicit_flags(argv, vars(opt))
     if "data_root" in given and "dataset_name" not in given:
         # the run is named after its data, so runs on different data never share a folder
         opt.dataset_name = given["dataset_name"] = os.path.basename(os.path.abspath(opt.data_root))
@@ -181,8 +174,6 @@ def parse_args(argv):
                 f"Resume with the same ones, or start a new run")
         opt = argparse.Namespace(**{**vars(opt), **saved, **{k: v for k, v in given.items() if k in RESUME_HARMLESS}})
         opt.resume = path
-        if opt.compile is True or opt.compile is False:  # last.pt of a version whose --compile took no mode
-            opt.compile = "default" if opt.compile else None
     else:
         check_flags(opt)
         if opt.epoch == 0 and not opt.overwrite:
@@ -281,9 +272,7 @@ def setup_processes(opt):
 
 def setup_precision(opt, device, procs):
     """The autocast context and, for fp16, the GradScaler."""
-    dtype, warning = pick_precision(opt.amp, device)
-    if warning and procs.master:
-        print(warning, file=sys.stderr)
+    dtype = choose_precision(opt.amp, device, warn=procs.master)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return dtype, autocast_context(device, dtype), scaler
 
@@ -382,10 +371,6 @@ def restore(opt, resume_state, training, device, procs, model_dir):
         if was[0] is not None and was != now:
             print(f"note: last.pt was trained on {was[0]} in {was[1]}, this run is on {now[0]} in {now[1]}: it continues "
                   f"the run, but not bitwise as an uninterrupted run would", file=sys.stderr)
-
-
-def precision_name(dtype):
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def networks_for_step(nets, opt, device, procs):

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -42,9 +41,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets import list_images, load_image, split_dirs, to_image, to_tensor
-from models import load_generator, translate
-from utils import check_writable, die, pick_device, pick_precision, write_atomic, write_text_atomic
+from datasets import list_images, load_image, split_dirs
+from models import generator_channels, load_generator, to_image, to_tensor, translate
+from utils import add_device_args, check_writable, choose_precision, die, first_line, pick_device, write_atomic, write_text_atomic
 
 
 PROTOCOL = "pytorch-fid: load_image RGB uint8 /255, bilinear 299x299 align_corners=False, 2x-1, FID Inception pool3 2048"
@@ -69,8 +68,9 @@ def get_parser():
                         "it is loaded and its TorchScript code run, so only use files you trust")
     p.add_argument("--cache_dir", default=None, help="where features of real folders are cached (default $XDG_CACHE_HOME/cyclegan/fid)")
     p.add_argument("--batch_size", type=int, default=50, help="images per Inception forward pass")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--amp", default="none", choices=("none", "auto", "bf16", "fp16"), help="mixed precision for the generator (the Inception always runs in fp32)")
+    # fp32 by default, unlike training and test.py: the same checkpoint then gets the same FID
+    # on every machine, and FIDs are only worth comparing when computed the same way.
+    add_device_args(p, amp_default="none", amp_note=" (the generator's; the Inception always runs in fp32)")
     return p
 
 
@@ -118,7 +118,7 @@ def load_inception(path=None, device="cpu"):
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
             module = torch.jit.load(path, map_location="cpu")
     except Exception as e:
-        die(f"--inception {path} is not a TorchScript file ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+        die(f"--inception {path} is not a TorchScript file ({type(e).__name__}: {first_line(e)})")
     net = module.net.layers if hasattr(module, "net") else getattr(module, "layers", None)
     if net is None:
         die(f"--inception {path}: a TorchScript module without `.net.layers` or `.layers`, so not an FID Inception")
@@ -257,6 +257,18 @@ def kid_from_features(real, fake, n_subsets=KID_SUBSETS, subset_size=KID_SUBSET_
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def pixel_errors(reference, translation, source):
+    """[MAE, MSE] of the translation and then of the untranslated source against the
+    reference (same size, 8-bit images), in [0, 1] units."""
+    r, o, x = (np.asarray(a, dtype=np.float64) / 255 for a in (reference, translation, source))
+    return [np.abs(o - r).mean(), ((o - r) ** 2).mean(), np.abs(x - r).mean(), ((x - r) ** 2).mean()]
+
+
+def psnr(mse):
+    """Peak signal-to-noise ratio in dB of a mean squared error in [0, 1] units."""
+    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
+
+
 def scores(real, fake, prefix=""):
     kid_mean, kid_std = kid_from_features(real, fake)
     return {f"fid{prefix}": fid_from_features(real, fake), f"kid{prefix}_mean": kid_mean, f"kid{prefix}_std": kid_std}
@@ -276,8 +288,7 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
     tgt = folder_images(dir_tgt, n, "target")
     stems = [os.path.splitext(os.path.basename(p))[0] for p in src]
     paired = stems == [os.path.splitext(os.path.basename(p))[0] for p in tgt]
-    conv = next(m for m in G.modules() if isinstance(m, torch.nn.Conv2d))
-    channels, dtype = conv.in_channels, conv.weight.dtype
+    channels, dtype = generator_channels(G)[0], next(G.parameters()).dtype
     if output_dir:  # a.jpg and a.png both in the folder: keep the extension in the name
         out_names = [(s if stems.count(s) == 1 else os.path.basename(p)) + ".png" for s, p in zip(stems, src)]
         inputs = {os.path.realpath(p) for p in src + tgt}
@@ -288,7 +299,7 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
         os.makedirs(output_dir, exist_ok=True)
     was_training = G.training
     G.eval()
-    fake, pixel_errors = [], []
+    fake, errors = [], []
     try:
         for i in range(0, len(src), batch_size):  # translate a batch, take its features, drop the images
             batch = []
@@ -300,9 +311,8 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
                     write_atomic(os.path.join(output_dir, out_names[k]), lambda f: out.save(f, format="PNG"))
                 if paired:
                     ref = read_image(tgt[k], channels)
-                    if ref.size == out.size:  # MAE and MSE in [0, 1] units, as test.py --reference_dir
-                        r, o, x = (np.asarray(a, dtype=np.float64) / 255 for a in (ref, out, img))
-                        pixel_errors.append([np.abs(o - r).mean(), ((o - r) ** 2).mean(), np.abs(x - r).mean(), ((x - r) ** 2).mean()])
+                    if ref.size == out.size:  # as test.py --reference_dir
+                        errors.append(pixel_errors(ref, out, img))
             fake.append(image_features(batch, net, device, batch_size))
     finally:
         G.train(was_training)
@@ -311,9 +321,9 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
     inputs, _ = folder_features(dir_src, net, device, n, batch_size, cache_dir, "source")
     results = {**scores(real, fake), **scores(real, inputs, "_identity"), "n_real": len(real), "n_fake": len(fake),
                "real_cached": real_cached}
-    if pixel_errors:
-        e = np.mean(pixel_errors, axis=0)
-        results.update(mae=float(e[0]), psnr=psnr(e[1]), mae_identity=float(e[2]), psnr_identity=psnr(e[3]), n_paired=len(pixel_errors))
+    if errors:
+        e = np.mean(errors, axis=0)
+        results.update(mae=float(e[0]), psnr=psnr(e[1]), mae_identity=float(e[2]), psnr_identity=psnr(e[3]), n_paired=len(errors))
     results["seconds"] = time.time() - t0
     return results
 
@@ -326,11 +336,6 @@ def infer_direction(checkpoint, generator=None):
     name = os.path.basename(checkpoint)
     m = re.search(r"G_(AB|BA)(?![A-Za-z])", name) or re.search(r"net_G_(A|B)(?![A-Za-z])", name)
     return None if m is None else "AtoB" if m.group(1) in ("AB", "A") else "BtoA"
-
-
-def psnr(mse):
-    """Peak signal-to-noise ratio in dB of a mean squared error of values in [0, 1]."""
-    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
 
 
 def fmt(r, prefix=""):
@@ -383,9 +388,7 @@ def main(argv=None):
         dir_src, dir_tgt = (dir_A, dir_B) if direction == "AtoB" else (dir_B, dir_A)
         folder_images(dir_tgt, opt.n, "target")
         G = load_generator(opt.checkpoint, opt.generator)
-        dtype, warning = pick_precision(opt.amp, device)
-        if warning:
-            print(warning, file=sys.stderr)
+        dtype = choose_precision(opt.amp, device)
         # As test.py: the weights cast once to a 16-bit dtype give autocast's outputs without its per-call casts.
         G = G.to(device, dtype or torch.float32)
         net = load_inception(opt.inception, device)

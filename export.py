@@ -18,8 +18,8 @@ import os
 import torch
 from torch.export import Dim
 
-from models import OfficialGenerator, load_generator
-from utils import die, write_atomic
+from models import generator_channels, generator_config, load_generator
+from utils import die, first_line, write_atomic
 
 # What a caller must do around the network; written into every exported file.
 CONTRACT = {
@@ -27,7 +27,7 @@ CONTRACT = {
     "size": "height and width: any multiples of 4, at least 8 (the dims 4*h4, 4*w4); batch: any",
     "padding": "other sizes: pad right and bottom to the next multiple of 4 (at least 8) by reflection "
                "(by replication for images too small to reflect), run, crop the output back to the "
-               "input's size (test.py's translate())",
+               "input's size (models.translate)",
     "output": "translated: float32, NCHW, C = {channels_out}, same height and width as image, tanh output in [-1, 1]: "
               "pixel = round((y + 1) / 2 * 255)",
 }
@@ -52,14 +52,12 @@ def example_and_shapes(G):
     reflection padding needs at least 2 x 2 features (an 8 x 8 image)."""
     h4, w4 = Dim("h4", min=2), Dim("w4", min=2)
     # A batch of 2 in the example, so the batch dimension is not specialised to 1.
-    example = torch.rand(2, G.model[1].in_channels, 64, 96) * 2 - 1
+    example = torch.rand(2, generator_channels(G)[0], 64, 96) * 2 - 1
     return (example,), ({0: Dim("batch", min=1), 2: 4 * h4, 3: 4 * w4},)  # by position: forward(x)
 
 
 def metadata(G, checkpoint, generator):
-    channels, channels_out = G.model[1].in_channels, G.model[-2].out_channels
-    arch = "official" if isinstance(G, OfficialGenerator) else "seed"
-    n_blocks = sum(1 for m in G.model if hasattr(m, "block") or hasattr(m, "conv_block"))
+    arch, channels, channels_out, n_blocks = generator_config(G.state_dict())
     colour = "RGB" if channels == 3 else "grayscale" if channels == 1 else "channels"
     meta = {k: v.format(channels=channels, channels_out=channels_out, colour=colour) for k, v in CONTRACT.items()}
     meta.update({
@@ -123,7 +121,7 @@ def main(argv=None):
     if not os.path.isdir(folder):
         die(f"--output {output}: folder {folder} does not exist")
     G = load_generator(opt.checkpoint, opt.generator)  # on the CPU: the file it writes runs on any device
-    channels = G.model[1].in_channels
+    channels = generator_channels(G)[0]
     meta = metadata(G, opt.checkpoint, opt.generator)
     # Written and checked under a temporary name (f.name, with the same extension: torch.export
     # checks it), then renamed: a failed export never leaves a file under the name a deployment would load.
@@ -136,7 +134,7 @@ def main(argv=None):
         except (SystemExit, OSError):
             raise
         except Exception as e:
-            die(f"exporting {opt.checkpoint} to {opt.format} failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})")
+            die(f"exporting {opt.checkpoint} to {opt.format} failed ({type(e).__name__}: {first_line(e, 300)})")
         # 1/255 of the [0, 1] image is 2/255 of the [-1, 1] output
         if diffs[0] is not None and diffs[0] > 2 / 255:
             die(f"the exported {opt.format} model does not reproduce {opt.checkpoint} (max difference {diffs[0]:.3g} > 2/255); nothing written")

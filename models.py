@@ -3,16 +3,19 @@ The networks: the seed's ResNet generator and PatchGAN discriminator (same
 state_dict layout, so checkpoints trained with the tutorial's code load here
 unchanged), and the official implementation's ResNet generator so its released
 `latest_net_G.pth` files can be used for translation; loading a generator from any of
-these checkpoints, and running it on an image of any size.
+these checkpoints, and running it on an image of any size (with the image <-> tensor
+conversion, as the models see it).
 """
 import math
 import sys
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 
-from utils import die, load_checkpoint
+from utils import die, first_line, load_checkpoint
 
 
 def weights_init_normal(m):
@@ -23,9 +26,6 @@ def weights_init_normal(m):
         nn.init.normal_(m.weight.data, 0.0, 0.02)
         if getattr(m, "bias", None) is not None:
             nn.init.constant_(m.bias.data, 0.0)
-    elif classname.find("BatchNorm2d") != -1:
-        nn.init.normal_(m.weight.data, 1.0, 0.02)
-        nn.init.constant_(m.bias.data, 0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -199,6 +199,13 @@ def generator_config(state_dict):
     return arch, first.shape[1], state_dict[last_conv].shape[0], n_blocks
 
 
+def generator_channels(G):
+    """(input channels, output channels) of a generator module, read off its weights
+    as generator_config reads them off a checkpoint."""
+    _, c_in, c_out, _ = generator_config(G.state_dict())
+    return c_in, c_out
+
+
 def clean_state_dict(state_dict):
     """Strip what other code wraps around a generator's weights: the 'module.' of
     DataParallel/DDP, the '_orig_mod.' of torch.compile, and the InstanceNorm
@@ -241,11 +248,28 @@ def load_generator(path, generator=None):
     try:
         return build_generator(state).eval()
     except (ValueError, RuntimeError, KeyError, AttributeError, TypeError, IndexError) as e:
-        die(f"{path} is not a CycleGAN generator checkpoint ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
+        die(f"{path} is not a CycleGAN generator checkpoint ({first_line(e) or type(e).__name__})")
 
 
 # -----------------------------------------------------------------------------
 # Running a generator on an image of its own size
+
+def to_tensor(img):
+    """An 8-bit image as a (1, C, H, W) float tensor in [-1, 1], as the models see it."""
+    a = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+    return (a.unsqueeze(0) if a.ndim == 2 else a.permute(2, 0, 1)).unsqueeze(0)
+
+
+def to_levels(t):
+    """[-1, 1] to 8-bit levels: (y + 1) / 2, rounded, no stretch."""
+    return ((t.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+
+
+def to_image(t):
+    """A (1, C, H, W) tensor, in [-1, 1] or already 8-bit levels, as an image."""
+    a = (t if t.dtype == torch.uint8 else to_levels(t))[0].permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
+
 
 def padding_to_multiple_of_4(h, w):
     """The generator downsamples twice: pad right and bottom to a multiple of 4 (at least

@@ -22,15 +22,15 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image, ImageSequence
 from tqdm import tqdm
 
-from datasets import IMG_EXTENSIONS, list_images, load_image, to_image, to_tensor
-from models import load_generator, translate
+from datasets import IMG_EXTENSIONS, composite_on_white, list_images, load_image
+from evaluate import pixel_errors, psnr
+from models import generator_channels, load_generator, to_image, to_tensor, translate
 from report import write_translations_page
 from tiling import NotEnoughTempSpace, translate_tiled
-from utils import check_writable, die, pick_device, pick_precision, write_atomic
+from utils import add_device_args, check_writable, choose_precision, die, pick_device, write_atomic
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 ANIMATION_EXTENSIONS = (".gif", ".webp")  # translated frame by frame when they hold several frames
@@ -62,9 +62,7 @@ def get_parser():
     p.add_argument("--batch_size", type=int, default=4, help="video and animation frames translated at once")
     p.add_argument("--max_megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                    help="refuse (skip) images larger than this: a small file can claim a size that would exhaust the memory")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
-                   help="precision: auto takes bf16 where the hardware computes it natively, else fp32; none: fp32")
+    add_device_args(p)
     return p
 
 
@@ -87,14 +85,12 @@ def parse_args(argv):
 def main(argv=None):
     opt = parse_args(argv)
     device = pick_device(opt.device)
-    dtype, warning = pick_precision(opt.amp, device)
-    if warning:
-        print(warning, file=sys.stderr)
+    dtype = choose_precision(opt.amp, device)
     # Casting the weights once to a 16-bit dtype gives the same outputs as autocast, bit for
     # bit, for these generators (every layer computes in that dtype under autocast anyway;
     # padding only copies values), without autocast's casts at every call (see bench.py).
     G = load_generator(opt.checkpoint, opt.generator).to(device, dtype or torch.float32)
-    channels = next(m for m in G.modules() if isinstance(m, nn.Conv2d)).in_channels
+    channels = generator_channels(G)[0]
 
     # above the limit Pillow warns and above twice that it refuses: refuse from the limit on
     Image.MAX_IMAGE_PIXELS = int(opt.max_megapixels * 1e6)
@@ -287,12 +283,7 @@ def score(path, img, out, reference_dir, channels):
     if ref.size != out.size:
         print(f"warning: {refs[0]} is {ref.size[0]}x{ref.size[1]}, the output {out.size[0]}x{out.size[1]}; not scored", file=sys.stderr)
         return None, ref
-    r, o, i = (np.asarray(a, dtype=np.float64) / 255.0 for a in (ref, out, img))
-    return [np.abs(o - r).mean(), ((o - r) ** 2).mean(), np.abs(i - r).mean(), ((i - r) ** 2).mean()], ref
-
-
-def psnr(mae_mse):
-    return 10 * math.log10(1.0 / mae_mse) if mae_mse > 0 else float("inf")
+    return pixel_errors(ref, out, img), ref
 
 
 def strip_rows_for(tile, h, w):
@@ -415,10 +406,7 @@ def translate_animation(G, path, out_path, opt, channels):
 
 def model_frame(frame, channels):
     """A decoded frame in the model's channels, transparency composited on white as load_image does."""
-    if frame.mode in ("RGBA", "LA", "PA", "P"):
-        rgba = frame.convert("RGBA")
-        frame = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return frame.convert("L" if channels == 1 else "RGB")
+    return composite_on_white(frame).convert("L" if channels == 1 else "RGB")
 
 
 def translate_batches(G, frames, opt):

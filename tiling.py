@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datasets import to_levels
-from models import OfficialResnetBlock, ResidualBlock, padding_to_multiple_of_4
+from models import OfficialResnetBlock, ResidualBlock, padding_to_multiple_of_4, to_levels
 
 
 def network_ops(layers, blocks=None):

@@ -94,6 +94,13 @@ def die(msg):
     sys.exit(2)
 
 
+def first_line(e, limit=200):
+    """The first line of an exception's message, cut to `limit` characters ('' if it has
+    none): a library's multi-line message would otherwise break the one-line error."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
 def write_atomic(path, write, hint="the previous one, if any, is intact", required=True, passes=()):
     """The one way every script writes a file: write(f) fills a temporary file in the same
     folder (f is open in binary mode; f.name is its path, with the same extension, for
@@ -202,10 +209,10 @@ def load_checkpoint(path, map_location="cpu"):
         die(
             f"checkpoint {path} was refused: it needs arbitrary code to unpickle "
             f"(weights_only=True), so it is not a plain state_dict; re-save it as one "
-            f"only if you trust its source ({str(e).splitlines()[0][:200]})"
+            f"only if you trust its source ({first_line(e)})"
         )
     except Exception as e:  # truncated or not a torch file at all
-        die(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); is it a complete .pth file?")
+        die(f"checkpoint {path} could not be read ({type(e).__name__}: {first_line(e)}); is it a complete .pth file?")
 
 
 # -----------------------------------------------------------------------------
@@ -338,6 +345,33 @@ class StopSignal:
 
 # -----------------------------------------------------------------------------
 # Device and precision, chosen once at start-up by both cyclegan.py and test.py
+
+PRECISIONS = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --amp's names of autocast dtypes
+
+
+def precision_name(dtype):
+    """'bf16' or 'fp16' for an autocast dtype, 'fp32' for None (no autocast)."""
+    return next((name for name, d in PRECISIONS.items() if d is not None and d == dtype), "fp32")
+
+
+def add_device_args(parser, amp_default="auto", amp_note=""):
+    """--device and --amp, the same flags in every script that computes."""
+    parser.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="auto: CUDA, else Apple's MPS, else the CPU")
+    parser.add_argument("--amp", type=str, default=amp_default, choices=("auto", *PRECISIONS),
+                        help="precision: auto picks bf16 where the hardware computes it natively (CUDA compute capability "
+                             ">= 8.0, CPUs with AVX512_BF16 or AMX), else fp32; none: fp32, the seed's numerics; "
+                             "fp16: GPUs only" + amp_note)
+
+
+def choose_precision(amp, device, warn=True):
+    """pick_precision's dtype for --amp, with its warning, if any, on stderr (warn: this
+    process is the one that prints)."""
+    dtype, warning = pick_precision(amp, device)
+    if warning and warn:
+        print(warning, file=sys.stderr)
+    return dtype
+
 
 def pick_device(name="auto"):
     """The torch.device for --device: 'auto' takes CUDA, then Apple's MPS, then the CPU."""

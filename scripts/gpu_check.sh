@@ -170,7 +170,7 @@ if device.type == 'cuda':
     p = torch.cuda.get_device_properties(device)
     print(f'GPU: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB')
 print('--amp auto picks here, on', device.type + ':', bench.precision_label('auto', device))
-from datasets import make_day2night
+from synthetic import make_day2night
 make_day2night('$DATA', n_train=$N_TRAIN, n_test=$N_TEST)
 print('built-in data ($N_TRAIN training images a domain, $N_TEST test) in $DATA')" ||
         { echo "gpu_check: FAILED: env (nothing else can run)"; exit 1; }

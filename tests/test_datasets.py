@@ -11,8 +11,8 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datasets import (ImageDataset, UnpairedSampler, list_images, load_image, make_day2night,
-                      render_scene, split_dirs, train_transforms)
+from datasets import ImageDataset, UnpairedSampler, list_images, load_image, split_dirs, train_transforms
+from synthetic import make_day2night, render_scene
 
 BICUBIC = T.InterpolationMode.BICUBIC
 

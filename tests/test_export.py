@@ -13,8 +13,7 @@ onnx = pytest.importorskip("onnx", reason="onnx is not installed: pip install on
 pytest.importorskip("onnxscript", reason="onnxscript is not installed: pip install onnx onnxscript")
 
 import export  # noqa: E402
-from datasets import to_image, to_tensor  # noqa: E402
-from models import Discriminator, GeneratorResNet, OfficialGenerator, translate  # noqa: E402
+from models import Discriminator, GeneratorResNet, OfficialGenerator, to_image, to_tensor, translate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

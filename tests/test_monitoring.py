@@ -27,7 +27,7 @@ def run(cwd, *args, env=ENV, timeout=600):
 
 
 def make_data(cwd):
-    from datasets import make_day2night
+    from synthetic import make_day2night
     make_day2night(os.path.join(cwd, "data", "synthetic_day2night"), n_train=4, n_test=4, size=32, seed=1)
 
 

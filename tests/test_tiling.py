@@ -17,8 +17,7 @@ tt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tt)
 
 import tiling  # noqa: E402
-from datasets import to_levels  # noqa: E402
-from models import GeneratorResNet, OfficialGenerator, translate  # noqa: E402
+from models import GeneratorResNet, OfficialGenerator, to_levels, translate  # noqa: E402
 
 ARCHS = {
     "seed": lambda c: GeneratorResNet((c, 0, 0), 1),  # Upsample + conv, reflection pads

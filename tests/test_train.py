@@ -319,7 +319,7 @@ def test_short_run_on_builtin_dataset_translates_better_than_identity(tmp_path):
     """A short CPU run on a tiny built-in dataset: G_AB's day->night translations of
     the paired test scenes are much closer to the night ground truth than the
     untranslated inputs are (the identity baseline)."""
-    from datasets import make_day2night
+    from synthetic import make_day2night
     # 80 iterations: the MAE ratio is about 0.15-0.2 here (0.1 after 180), far below the bound
     make_day2night(tmp_path / "data" / "synthetic_day2night", n_train=40, n_test=8, size=32, seed=3)
     r = run(tmp_path, "--dataset_name", "synthetic_day2night", "--img_height", "32", "--img_width", "32",
@@ -387,3 +387,10 @@ def test_resume_in_another_precision_says_it_is_a_continuation_not_bitwise(tiny_
     assert "trained on cpu in bf16, this run is on cpu in fp32" in r.stderr and "not bitwise" in r.stderr
     r = run(tiny_data, "--dataset_name", "tiny", "--resume", "--amp", "none")  # the same precision: no note
     assert r.returncode == 0 and "not bitwise" not in r.stderr
+
+
+def test_explicit_flags_are_the_ones_given_even_when_equal_to_the_default():
+    import cyclegan
+    argv = ["--lr", "0.0002", "--verify_data", "--compile", "--resume", "--n_epochs=3", "--amp", "none"]
+    given = cyclegan.explicit_flags(argv, vars(cyclegan.get_parser().parse_args(argv)))
+    assert given == {"lr": 0.0002, "verify_data": True, "compile": "default", "resume": "auto", "n_epochs": 3, "amp": "none"}

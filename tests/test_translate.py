@@ -467,6 +467,18 @@ MODE_FILES = ["L.png", "P.png", "P_transparent.png", "RGBA.png", "LA.png", "I16.
               "CMYK_t.tiff", "bilevel.png", "bilevel_b.bmp", "still.gif", "rgb_w.webp", "rgb_b.bmp", "rgb_t.tif", "rgb_p.ppm", "rotated.jpg"]
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_a_decoded_video_frame_is_converted_as_load_image_converts_the_file(tmp_path, channels):
+    # frames are composited on white and converted by the same function as still images
+    files = _mode_files(tmp_path)
+    for name in ("P_transparent.png", "RGBA.png", "LA.png", "P.png", "still.gif", "L.png"):
+        with Image.open(tmp_path / name) as frame:
+            frame.load()
+            got = np.asarray(tt.model_frame(frame, channels))
+        assert np.array_equal(got, np.asarray(load_image(tmp_path / name, channels))), name
+    assert files
+
+
 @pytest.fixture(scope="module")
 def modes_run(g3, g1, tmp_path_factory):
     d = tmp_path_factory.mktemp("modes")

@@ -447,3 +447,30 @@ def test_the_suite_fakes_the_hardware_report_so_auto_means_fp32_here(cpu_bf16):
     assert utils.pick_precision("auto", CPU) == ((torch.bfloat16 if cpu_bf16 else None), None)
     dtype, warning = utils.pick_precision("bf16", CPU)
     assert dtype == torch.bfloat16 and (warning is None) == cpu_bf16
+
+
+def test_first_line_is_the_messages_first_line_cut_to_the_limit_and_empty_for_no_message():
+    assert utils.first_line(RuntimeError("\n  size mismatch for model.1\n  more detail\n")) == "size mismatch for model.1"
+    assert utils.first_line(ValueError("x" * 500)) == "x" * 200
+    assert utils.first_line(ValueError("x" * 500), 300) == "x" * 300
+    assert utils.first_line(KeyError()) == ""
+
+
+def test_precision_names_round_trip_through_the_one_map():
+    assert [utils.precision_name(utils.PRECISIONS[n]) for n in ("none", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
+def test_every_computing_script_declares_the_same_device_and_precision_flags():
+    import importlib.util
+    import cyclegan
+    import evaluate
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("cyclegan_translate_script_flags", os.path.join(root, "test.py"))
+    translate_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(translate_script)
+    for module, amp in ((cyclegan, "auto"), (translate_script, "auto"), (evaluate, "none")):
+        opt = module.get_parser().parse_args(["--checkpoint", "x", "--image_path", "y"] if module is translate_script else [])
+        assert (opt.device, opt.amp) == ("auto", amp), module.__name__
+        for value in ("auto", "none", "bf16", "fp16"):
+            args = ["--checkpoint", "x", "--image_path", "y"] if module is translate_script else []
+            assert module.get_parser().parse_args(args + ["--amp", value]).amp == value

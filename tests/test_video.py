@@ -16,8 +16,7 @@ _spec = importlib.util.spec_from_file_location("cyclegan_translate_script", os.p
 tt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tt)
 
-from datasets import to_image, to_tensor  # noqa: E402
-from models import GeneratorResNet, translate  # noqa: E402
+from models import GeneratorResNet, to_image, to_tensor, translate  # noqa: E402
 
 AV_REASON = "PyAV is not installed (pip install av)"
 
