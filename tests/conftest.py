@@ -85,6 +85,63 @@ def make_buffers(size=50, seed_A=None, seed_B=None):
     return {"fake_A": ReplayBuffer(size, seed=seed_A), "fake_B": ReplayBuffer(size, seed=seed_B)}
 
 
+def make_generator(channels=3, seed=0, official=False, ngf=64, n_blocks=2):
+    """A tiny generator in eval mode: the seed's layout with one residual block, or the
+    official one (ngf filters, n_blocks blocks); the global RNG is left as it was."""
+    import torch
+    from models import GeneratorResNet, OfficialGenerator
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        G = OfficialGenerator(channels, channels, ngf, n_blocks) if official else GeneratorResNet((channels, 0, 0), 1)
+    return G.eval()
+
+
+# -----------------------------------------------------------------------------
+# Tiny datasets, and test.py in this process
+
+def write_images(folder, n, seed, size=(36, 40), high=256):
+    """n random RGB images (h, w = size, values below `high`), 000.png, 001.png, ..."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, high, (*size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i:03d}.png"))
+
+
+def make_data(root, n_A=4, n_B=None, n_test=1, size=(36, 40)):
+    """root/{trainA,trainB,testA,testB} of random images, larger than a 32x32 crop so that
+    the random crop and flip have something to do; B darker, so the domains differ."""
+    n_B = n_A if n_B is None else n_B
+    for folder, n, seed, high in (("trainA", n_A, 1, 256), ("trainB", n_B, 2, 100), ("testA", n_test, 3, 256), ("testB", n_test, 4, 100)):
+        write_images(os.path.join(root, folder), n, seed, size, high)
+    return str(root)
+
+
+def translate_script():
+    """test.py as a module (imported by path: `import test` is the standard library's package)."""
+    import importlib.util
+    if "cyclegan_translate_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("cyclegan_translate_script", os.path.join(ROOT, "test.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["cyclegan_translate_script"] = module
+    return sys.modules["cyclegan_translate_script"]
+
+
+def run_translate(argv, capsys, fp32_default=True):
+    """test.py's main in this process (fp32 unless argv names a precision): (exit code, stdout,
+    stderr). Any exception other than SystemExit propagates and fails the test, as it would
+    be a traceback on the command line."""
+    try:
+        translate_script().main(fp32(argv) if fp32_default else [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 # The download scripts prefer curl, and some tests check what they say of curl's exit codes.
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)")
 

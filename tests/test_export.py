@@ -13,20 +13,14 @@ onnx = pytest.importorskip("onnx", reason="onnx is not installed: pip install on
 pytest.importorskip("onnxscript", reason="onnxscript is not installed: pip install onnx onnxscript")
 
 import export  # noqa: E402
-from models import Discriminator, GeneratorResNet, OfficialGenerator, to_image, to_tensor, translate  # noqa: E402
+from conftest import make_generator  # noqa: E402
+from models import Discriminator, to_image, to_tensor, translate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (width, height): odd and non-square, so test.py pads (to 40 x 24, 20 x 48) and crops
 SIZES = [(37, 22), (17, 45)]
 KEYS = {"input", "size", "padding", "output", "architecture", "source"}
-
-
-def make_generator(arch, channels=3, seed=0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        G = OfficialGenerator(channels, channels, 16, 1) if arch == "official" else GeneratorResNet((channels, 0, 0), 1)
-    return G.eval()
 
 
 def image(w, h, channels=3, seed=0):
@@ -68,7 +62,7 @@ def compare(G, run, channels=3):
 def exported(request, tmp_path_factory):
     """(arch, G, checkpoint, the .onnx file) for each architecture, exported once."""
     d = tmp_path_factory.mktemp(f"export_{request.param}")
-    G = make_generator(request.param)
+    G = make_generator(official=request.param == "official", ngf=16, n_blocks=1)
     ckpt = d / ("G_AB_3.pth" if request.param == "seed" else "latest_net_G.pth")
     torch.save(G.state_dict(), ckpt)
     export.main(["--checkpoint", str(ckpt), "--format", "onnx", "--output", str(d / "g.onnx")])
@@ -129,7 +123,7 @@ def test_pt2_loads_with_torch_export_and_translates_like_pytorch(exported, tmp_p
 
 
 def test_last_pt_with_generator_exports_that_generator_grayscale(tmp_path, capsys):
-    G_AB, G_BA = make_generator("seed", 1, seed=1), make_generator("seed", 1, seed=2)
+    G_AB, G_BA = make_generator(1, seed=1), make_generator(1, seed=2)
     ckpt = tmp_path / "last.pt"
     torch.save({"G_AB": G_AB.state_dict(), "G_BA": G_BA.state_dict(), "epoch": 2}, ckpt)
     code, _, err = run_export(["--checkpoint", ckpt, "--format", "onnx", "--output", tmp_path / "g.onnx"], capsys)
@@ -164,7 +158,7 @@ def test_bad_checkpoint_is_one_line_and_writes_nothing(bad, tmp_path, capsys):
 
 def test_missing_output_folder_and_missing_onnxscript_are_one_line(tmp_path, capsys, monkeypatch):
     ckpt = tmp_path / "G_AB_1.pth"
-    torch.save(make_generator("seed").state_dict(), ckpt)
+    torch.save(make_generator().state_dict(), ckpt)
     code, _, err = run_export(["--checkpoint", ckpt, "--output", tmp_path / "nope" / "g.onnx"], capsys)
     assert code == 2 and err.count("\n") == 1 and "does not exist" in err
 

@@ -26,7 +26,7 @@ def run(cwd, *args, env=ENV, timeout=600):
     return run_cli("cyclegan.py", *fp32(args), cwd=cwd, env=env, timeout=timeout)
 
 
-def make_data(cwd):
+def make_builtin_data(cwd):
     from synthetic import make_day2night
     make_day2night(os.path.join(cwd, "data", "synthetic_day2night"), n_train=4, n_test=4, size=32, seed=1)
 
@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
     """The same seeded run twice: measured (FID every epoch, TensorBoard) and plain."""
     measured, plain = str(tmp_path_factory.mktemp("measured")), str(tmp_path_factory.mktemp("plain"))
     for cwd in (measured, plain):
-        make_data(cwd)
+        make_builtin_data(cwd)
     env = dict(ENV, XDG_CACHE_HOME=str(tmp_path_factory.mktemp("cache")))
     extra = (["--eval_interval", "1"] if has_fid_weights else []) + (["--tensorboard"] if has_tensorboard else [])
     r = run(measured, *FLAGS, *extra, env=env)
@@ -136,14 +136,14 @@ def test_tensorboard_flag_without_tensorboard_is_one_line_saying_what_to_install
     fake = tmp_path / "site"
     (fake / "tensorboard").mkdir(parents=True)
     (fake / "tensorboard" / "__init__.py").write_text("raise ImportError('no tensorboard here')\n")
-    make_data(str(tmp_path))
+    make_builtin_data(str(tmp_path))
     r = run(tmp_path, *FLAGS, "--tensorboard", env=dict(ENV, PYTHONPATH=str(fake)))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == "error: --tensorboard needs the tensorboard package: pip install tensorboard"
 
 
 def test_eval_interval_with_missing_inception_weights_is_one_line_before_training(tmp_path):
-    make_data(str(tmp_path))
+    make_builtin_data(str(tmp_path))
     r = run(tmp_path, *FLAGS, "--eval_interval", "1", "--inception", str(tmp_path / "nope.pt"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "nope.pt" in r.stderr.strip().splitlines()[-1]

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fp32, run_cli, start_cli
+from conftest import fp32, make_data, run_cli, start_cli
 from cyclegan import RESUME_HARMLESS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,22 +43,8 @@ BASE = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--
 # -----------------------------------------------------------------------------
 # helpers
 
-def write_images(folder, n, seed):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        # 36x40: the random crop and flip have something to do
-        a = rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)
-        Image.fromarray(a).save(os.path.join(folder, f"{i:03d}.png"))
-
-
-def make_data(cwd, n_A=N_IMAGES, n_B=N_IMAGES):
-    root = os.path.join(cwd, "data", "tiny")
-    write_images(os.path.join(root, "trainA"), n_A, 1)
-    write_images(os.path.join(root, "trainB"), n_B, 2)
-    write_images(os.path.join(root, "testA"), 1, 3)
-    write_images(os.path.join(root, "testB"), 1, 4)
-    return root
+def data_root(cwd):
+    return os.path.join(cwd, "data", "tiny")
 
 
 def run(cwd, *args, timeout=300, **kwargs):
@@ -183,7 +169,7 @@ def refs(tmp_path_factory):
     dirs, procs = {}, {}
     for n_cpu in (0, 2):
         d = str(tmp_path_factory.mktemp(f"ref{n_cpu}"))
-        make_data(d)
+        make_data(data_root(d))
         dirs[n_cpu] = d
         procs[n_cpu] = start(d, "ref", *BASE, "--n_cpu", n_cpu)
     for n_cpu, p in procs.items():
@@ -231,7 +217,7 @@ def test_mid_epoch_resume_with_batch_size_2_is_bitwise_identical_and_logs_each_i
     iteration 1 is logged (its save may not have happened yet): it is then saved mid-epoch
     0 unless 4 more batches were done before the kill arrived."""
     ref, cwd = str(tmp_path / "ref"), str(tmp_path / "run")
-    make_data(ref, n_A=12, n_B=12)
+    make_data(data_root(ref), n_A=12, n_B=12)
     copy_data(ref, cwd)
     flags = [*BASE, "--n_cpu", "0", "--batch_size", "2"]
     proc = start(cwd, "killed", *flags, "--log_interval", "1", "--save_latest_interval", "1")
@@ -373,7 +359,7 @@ def bad_files(folder, corrupt_jpeg=1, empty_png=1, prefix="bad"):
 
 def test_corrupt_jpeg_and_empty_png_are_skipped_with_a_warning_naming_them(tmp_path):
     cwd = str(tmp_path)
-    root = make_data(cwd)
+    root = make_data(data_root(cwd))
     bad = bad_files(os.path.join(root, "trainA"), 1, 0) + bad_files(os.path.join(root, "trainB"), 0, 1)
     r = run(cwd, *BASE, "--n_epochs", "1", "--n_cpu", "0", "--sample_interval", "1000")
     assert r.returncode == 0, r.stderr
@@ -388,7 +374,7 @@ def test_corrupt_jpeg_and_empty_png_are_skipped_with_a_warning_naming_them(tmp_p
 
 def test_too_many_unreadable_images_stop_with_one_error_listing_them(tmp_path):
     cwd = str(tmp_path)
-    root = make_data(cwd)
+    root = make_data(data_root(cwd))
     # 12 of 16 in each folder (many in both: the first batches already meet more than 10)
     bad = bad_files(os.path.join(root, "trainA"), 6, 6) + bad_files(os.path.join(root, "trainB"), 6, 6)
     r = run(cwd, *BASE, "--n_cpu", "0")
@@ -402,7 +388,7 @@ def test_too_many_unreadable_images_stop_with_one_error_listing_them(tmp_path):
 
 def test_verify_data_lists_every_bad_file_at_once_and_exits_before_training(tmp_path, main_in_process):
     cwd = str(tmp_path)
-    root = make_data(cwd)
+    root = make_data(data_root(cwd))
     bad = bad_files(os.path.join(root, "trainA"), 2, 1) + bad_files(os.path.join(root, "trainB"), 1, 1)
     with open(os.path.join(root, "trainB", "notes.png"), "w") as f:
         f.write("not an image")
@@ -427,7 +413,7 @@ def test_nan_loss_stops_naming_iteration_and_loss_and_keeps_the_good_last_pt(tmp
     """--lr 1e20: the first step is fine, the weights are ~1e20 after it, and the
     second step's losses overflow. The first step's last.pt must survive."""
     cwd = str(tmp_path)
-    make_data(cwd)
+    make_data(data_root(cwd))
     # (--log_interval 1: the NaN row is written by the flush log rows get every log_interval
     # iterations, not by the one before the save; the NaN must be caught either way)
     r = run(cwd, *BASE, "--n_cpu", "0", "--lr", "1e20", "--save_latest_interval", "1", "--log_interval", "1")
@@ -444,7 +430,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     makes weights non-finite. With 2 images an epoch, that is the last step of epoch 0,
     so neither last.pt nor the per-epoch weight files may be written from it."""
     cwd = str(tmp_path)
-    make_data(cwd, n_A=2, n_B=2)
+    make_data(data_root(cwd), n_A=2, n_B=2)
     r = run(cwd, *BASE, "--n_cpu", "0", "--lr", "1e12", "--checkpoint_interval", "1", "--save_latest_interval", "0")
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
@@ -472,7 +458,7 @@ def test_checkpoint_that_runs_code_is_refused_for_resume_and_epoch_and_its_paylo
     for how, name, args in (("resume", "last.pt", ["--dataset_name", "tiny", "--resume"]),
                             ("epoch", "G_AB_1.pth", [*BASE, "--n_cpu", "0", "--epoch", "1"])):
         cwd = str(tmp_path / how)
-        make_data(cwd)
+        make_data(data_root(cwd))
         models = os.path.join(cwd, "saved_models", "tiny")
         os.makedirs(models)
         marker = os.path.join(cwd, "PWNED")

@@ -6,34 +6,24 @@ generator without residual blocks.
 """
 import errno
 import hashlib
-import importlib.util
 import os
 import resource
 import struct
 import zlib
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import cyclegan
 import utils
+from conftest import make_data, translate_script, write_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("cyclegan_translate_script_safety", os.path.join(ROOT, "test.py"))
-tt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tt)
+tt = translate_script()
 
 TINY = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1",
         "--n_cpu", "0", "--seed", "0", "--amp", "none", "--n_epochs", "1", "--decay_epoch", "0", "--sample_interval", "2"]
-
-
-def write_images(folder, n, seed, size=36):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i:03d}.png"))
 
 
 def write_garbage(folder, n):
@@ -45,10 +35,7 @@ def write_garbage(folder, n):
 
 @pytest.fixture
 def tiny(tmp_path):
-    root = tmp_path / "data" / "tiny"
-    for split, n in (("train", 4), ("test", 2)):
-        write_images(root / f"{split}A", n, 1)
-        write_images(root / f"{split}B", n, 2)
+    make_data(tmp_path / "data" / "tiny", n_A=4, n_test=2, size=(36, 39))
     return tmp_path
 
 
@@ -220,7 +207,7 @@ def run_test_py(capsys, *args):
 
 
 def test_translating_a_folder_into_itself_refuses_and_keeps_the_inputs(tmp_path, generator, capsys):
-    write_images(tmp_path / "photos", 2, 3, size=16)
+    write_images(tmp_path / "photos", 2, 3, size=(16, 19))
     before = {f: sha256(tmp_path / "photos" / f) for f in os.listdir(tmp_path / "photos")}
     code, _, err = run_test_py(capsys, "--checkpoint", generator, "--image_path", tmp_path / "photos",
                                "--output_dir", tmp_path / "photos")
@@ -231,7 +218,7 @@ def test_translating_a_folder_into_itself_refuses_and_keeps_the_inputs(tmp_path,
 
 
 def test_output_dir_that_is_a_file_or_under_one_is_one_line(tmp_path, generator, capsys):
-    write_images(tmp_path / "photos", 1, 3, size=16)
+    write_images(tmp_path / "photos", 1, 3, size=(16, 19))
     (tmp_path / "taken").write_bytes(b"x")
     for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
         code, _, err = run_test_py(capsys, "--checkpoint", generator, "--image_path", tmp_path / "photos", "--output_dir", out)
@@ -250,7 +237,7 @@ def png_claiming(path, width, height):
 
 
 def test_a_decompression_bomb_is_skipped_with_one_line_and_the_rest_is_translated(tmp_path, generator, capsys):
-    write_images(tmp_path / "in", 1, 3, size=16)
+    write_images(tmp_path / "in", 1, 3, size=(16, 19))
     png_claiming(tmp_path / "in" / "bomb.png", 17000, 12000)  # 204 megapixels claimed by a file of ~100 bytes
     assert os.path.getsize(tmp_path / "in" / "bomb.png") < 200
     code, _, err = run_test_py(capsys, "--checkpoint", generator, "--image_path", tmp_path / "in", "--output_dir", tmp_path / "out")

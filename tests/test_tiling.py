@@ -2,7 +2,6 @@
 up to float rounding on odd sizes, for both generator layouts and strips from one row
 to the whole image; no tensor it computes is larger than a strip; its temporary files
 never outlive it; and the command line uses it when asked or when an image is large."""
-import importlib.util
 import os
 
 import numpy as np
@@ -12,12 +11,11 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("cyclegan_translate_script", os.path.join(ROOT, "test.py"))
-tt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tt)
-
 import tiling  # noqa: E402
 from models import GeneratorResNet, OfficialGenerator, to_levels, translate  # noqa: E402
+from conftest import run_translate as run_main, translate_script  # noqa: E402
+
+tt = translate_script()
 
 ARCHS = {
     "seed": lambda c: GeneratorResNet((c, 0, 0), 1),  # Upsample + conv, reflection pads
@@ -178,16 +176,6 @@ def test_temporary_files_have_no_name_and_are_closed_after_success_and_after_an_
 
 # -----------------------------------------------------------------------------
 # the command line
-
-def run_main(argv, capsys):
-    try:
-        tt.main([str(a) for a in argv] + (["--amp", "none"] if "--amp" not in argv else []))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 @pytest.fixture
 def ckpt(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fp32, make_buffers, make_nets, make_opts, run_cli
+from conftest import fp32, make_buffers, make_data, make_nets, make_opts, run_cli
 from cyclegan import train_step
 from models import Discriminator, GeneratorResNet
 from reference import reference_step
@@ -163,20 +163,9 @@ def test_fp16_autocast_with_grad_scaler_trains_on_the_cpu_where_torch_allows_it(
 # -----------------------------------------------------------------------------
 # The command line
 
-def write_images(folder, n, size, seed, night=False):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        a = rng.integers(0, 100 if night else 256, (size, size + 3, 3), dtype=np.uint8)
-        Image.fromarray(a).save(os.path.join(folder, f"{i:03d}.png"))
-
-
 @pytest.fixture
 def tiny_data(tmp_path):
-    root = tmp_path / "data" / "tiny"
-    for split, n in (("train", 4), ("test", 2)):
-        write_images(root / f"{split}A", n, 36, 1)
-        write_images(root / f"{split}B", n, 36, 2, night=True)
+    make_data(tmp_path / "data" / "tiny", n_A=4, n_test=2, size=(36, 39))
     return tmp_path
 
 

@@ -9,7 +9,6 @@ the CLI itself runs in a subprocess only where the exit code or a traceback is t
 Every run is fp32 (--amp none) unless a test says otherwise: --amp auto would pick bf16
 on CPUs with native bf16, and these tests compare with fp32 computations."""
 import html.parser
-import importlib.util
 import os
 import pickle
 import re
@@ -24,26 +23,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "test.py")
 
 import conftest  # noqa: E402
+from conftest import fp32, make_generator, run_translate as run_main  # noqa: E402
 import models  # noqa: E402
 from datasets import load_image  # noqa: E402
-from models import Discriminator, GeneratorResNet, OfficialGenerator  # noqa: E402
+from models import Discriminator  # noqa: E402
 from test_models import official_reference_forward  # noqa: E402
 
 # The script is named test.py; import it by path so the stdlib `test` package is not picked up.
-_spec = importlib.util.spec_from_file_location("cyclegan_translate_script", SCRIPT)
-tt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tt)
+tt = conftest.translate_script()
 
 
 # -----------------------------------------------------------------------------
 # helpers
-
-def make_generator(channels=3, seed=0, official=False):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        G = OfficialGenerator(channels, channels, 64, 2) if official else GeneratorResNet((channels, 0, 0), 1)
-    return G.eval()
-
 
 def save(obj, path):
     torch.save(obj, str(path))
@@ -93,23 +84,6 @@ def assert_same_pixels(out_img, expected):
     diff = np.abs(got - expected)
     assert diff.max() <= 1, f"max difference {diff.max()} levels"
     assert (diff > 0).mean() < 0.01, f"{(diff > 0).mean():.1%} of the values differ"
-
-
-def fp32(argv):
-    argv = [str(a) for a in argv]
-    return argv if "--amp" in argv else argv + ["--amp", "none"]
-
-
-def run_main(argv, capsys, fp32_default=True):
-    """tt.main in-process: (exit code, stdout, stderr). Any exception other than
-    SystemExit propagates and fails the test (it would be a traceback on the CLI)."""
-    try:
-        tt.main(fp32(argv) if fp32_default else [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_cli(args, cwd):

@@ -461,13 +461,10 @@ def test_precision_names_round_trip_through_the_one_map():
 
 
 def test_every_computing_script_declares_the_same_device_and_precision_flags():
-    import importlib.util
     import cyclegan
     import evaluate
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("cyclegan_translate_script_flags", os.path.join(root, "test.py"))
-    translate_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(translate_script)
+    from conftest import translate_script as load_translate_script
+    translate_script = load_translate_script()
     for module, amp in ((cyclegan, "auto"), (translate_script, "auto"), (evaluate, "none")):
         opt = module.get_parser().parse_args(["--checkpoint", "x", "--image_path", "y"] if module is translate_script else [])
         assert (opt.device, opt.amp) == ("auto", amp), module.__name__

@@ -1,7 +1,6 @@
 """test.py on videos (PyAV) and animated GIF/WebP (Pillow): every frame translated, in
 order, as an image would be; the frame count, size, frame rate or frame durations and
 loop survive; and a missing PyAV is one line saying what to install."""
-import importlib.util
 import os
 import sys
 from fractions import Fraction
@@ -12,11 +11,10 @@ import torch
 from PIL import Image, ImageSequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("cyclegan_translate_script", os.path.join(ROOT, "test.py"))
-tt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tt)
-
 from models import GeneratorResNet, to_image, to_tensor, translate  # noqa: E402
+from conftest import run_translate as run_main, translate_script  # noqa: E402
+
+tt = translate_script()
 
 AV_REASON = "PyAV is not installed (pip install av)"
 
@@ -30,16 +28,6 @@ def ckpt(tmp_path_factory):
     torch.save(G.state_dict(), path)
     return str(path), G
 
-
-
-def run_main(argv, capsys):
-    try:
-        tt.main([str(a) for a in argv] + ["--amp", "none"])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def random_frames(n, w, h, seed=0):
