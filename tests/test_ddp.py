@@ -198,7 +198,7 @@ def test_torchrun_without_seed_loads_every_image_once_per_epoch_and_agrees_on_st
     assert r.returncode == 0, r.stdout + r.stderr
     traces = [json.loads((tmp_path / f"trace.{rank}.json").read_text()) for rank in (0, 1)]
     opened = Counter(name for t in traces for name in t["opened"])
-    assert opened == {f"{i}.png": 1 for i in range(6)}, opened
+    assert opened == {f"{i:03d}.png": 1 for i in range(6)}, opened
     for t in traces:  # 6 images, 2 processes: 3 batches each
         assert 1 <= len(t["all_reduce"]) <= 3 and set(t["all_reduce"]) == {"cpu"}, t["all_reduce"]
     seed = torch.load(tmp_path / "saved_models" / "tiny" / "last.pt", weights_only=True)["args"]["seed"]
