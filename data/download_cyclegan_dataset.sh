@@ -9,7 +9,7 @@
 # The datasets used to be hosted under
 #   https://people.eecs.berkeley.edu/~taesung_park/CycleGAN/datasets/
 # which is the URL many tutorials still use; that host is dead. The authors now
-# serve them from efrosgans.eecs.berkeley.edu (see DEFAULT_BASE_URL below).
+# serve them from efrosgans.eecs.berkeley.edu (the default of CYCLEGAN_DATASET_URL below).
 #
 # Environment:
 #   CYCLEGAN_DATASET_URL  base URL to download NAME.zip from instead of the
@@ -20,64 +20,30 @@
 # unzip or python3 (python3 -m zipfile is used when unzip is missing).
 
 DATASETS="apple2orange summer2winter_yosemite horse2zebra monet2photo cezanne2photo ukiyoe2photo vangogh2photo maps facades iphone2dslr_flower ae_photos mini"
-DEFAULT_BASE_URL="https://efrosgans.eecs.berkeley.edu/cyclegan/datasets"
-PROG=download_cyclegan_dataset.sh
+PROG=data/download_cyclegan_dataset.sh
 
-usage() {
-    echo "usage: sh data/download_cyclegan_dataset.sh NAME" >&2
-    echo "valid names: $DATASETS" >&2
-    exit 1
-}
-
-err() {
-    echo "$PROG: error: $*" >&2
-}
+# SCRIPT_DIR (the folder of this script: all downloads go there), usage, err,
+# run, the cleanup traps: shared with saved_models/download_pretrained_model.sh,
+# in scripts/download.sh (found with cd, not by path: data/ may be a symbolic link)
+. "$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)/scripts/download.sh" || exit 1
 
 # ---- arguments (checked before anything touches the disk or the network) ----
-if [ "$#" -ne 1 ]; then
-    [ "$#" -eq 0 ] && err "no dataset name given"
-    [ "$#" -gt 1 ] && err "expected exactly one dataset name, got $#"
-    usage
-fi
+check_name dataset "$DATASETS" "$@"
 NAME=$1
-known=0
-for d in $DATASETS; do
-    if [ "$d" = "$NAME" ]; then
-        known=1
-    fi
-done
-if [ "$known" -ne 1 ]; then
-    err "unknown dataset '$NAME'"
-    usage
-fi
 
 # ---- locations: always the folder that holds this script ----
-SCRIPT_DIR=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P) || {
-    err "cannot find the directory of $0"
-    exit 1
-}
 DEST="$SCRIPT_DIR/$NAME"
 PART="$SCRIPT_DIR/$NAME.zip.part"
 TMP_DIR="$SCRIPT_DIR/.$NAME.unpack.$$"
 
-if [ -e "$DEST" ]; then
-    echo "$DEST already exists; not downloading $NAME again (delete it to re-download)."
-    exit 0
-fi
+exit_if_present "$DEST" "$NAME"
 
-BASE_URL=${CYCLEGAN_DATASET_URL:-$DEFAULT_BASE_URL}
+BASE_URL=${CYCLEGAN_DATASET_URL:-https://efrosgans.eecs.berkeley.edu/cyclegan/datasets}
 BASE_URL=${BASE_URL%/}
 URL="$BASE_URL/$NAME.zip"
 
 # ---- tools (checked before downloading anything) ----
-if command -v curl >/dev/null 2>&1; then
-    FETCH=curl
-elif command -v wget >/dev/null 2>&1; then
-    FETCH=wget
-else
-    err "neither curl nor wget is installed; install one of them to download $URL"
-    exit 1
-fi
+find_downloader "$URL"
 if command -v unzip >/dev/null 2>&1; then
     UNZIP=unzip
 elif command -v python3 >/dev/null 2>&1 && python3 -c 'import zipfile' >/dev/null 2>&1; then
@@ -88,42 +54,12 @@ else
 fi
 
 # ---- cleanup on failure or interruption ----
-CHILD=
+# what on_exit (scripts/download.sh) removes when the script stops, finished or not
 cleanup() {
-    if [ -n "$CHILD" ]; then
-        kill "$CHILD" 2>/dev/null
-        wait "$CHILD" 2>/dev/null
-        CHILD=
-    fi
     rm -f "$PART"
     rm -rf "$TMP_DIR"
 }
-on_exit() {
-    status=$?
-    trap - EXIT INT TERM HUP
-    cleanup
-    exit "$status"
-}
-on_signal() {
-    err "interrupted by SIG$1; removing the partial download"
-    exit "$2"
-}
-trap on_exit EXIT
-trap 'on_signal INT 130' INT
-trap 'on_signal TERM 143' TERM
-trap 'on_signal HUP 129' HUP
-
-# Run a command in the background and wait for it, so that a signal sent to
-# this shell is handled at once (and the child is killed by cleanup) instead of
-# only after a long download has finished.
-run() {
-    "$@" &
-    CHILD=$!
-    wait "$CHILD"
-    rc=$?
-    CHILD=
-    return "$rc"
-}
+clean_up_on_exit
 
 # ---- download ----
 echo "Downloading $URL"
@@ -155,7 +91,7 @@ if [ "$UNZIP" = unzip ]; then
     rc=$?
     # unzip exit 1 means "warnings, but every file was extracted"
     if [ "$rc" -eq 1 ]; then
-        echo "$PROG: warning: unzip reported warnings for $NAME.zip" >&2
+        note "warning: unzip reported warnings for $NAME.zip"
         rc=0
     fi
 else
@@ -175,14 +111,7 @@ else
     err "$NAME.zip does not contain a $NAME/ folder (nor trainA/ or testA/)"
     exit 1
 fi
-if [ -e "$DEST" ]; then
-    err "$DEST appeared while downloading; leaving it alone"
-    exit 1
-fi
-mv "$SRC" "$DEST" || {
-    err "cannot move the unpacked dataset to $DEST"
-    exit 1
-}
+move_into_place "$SRC" "$DEST" "the unpacked dataset"
 rm -f "$PART"
 rm -rf "$TMP_DIR"
 

@@ -28,42 +28,18 @@
 # Plain POSIX sh: behaves the same under dash and bash. Needs curl or wget.
 
 MODELS="apple2orange orange2apple summer2winter_yosemite winter2summer_yosemite horse2zebra zebra2horse monet2photo style_monet style_cezanne style_ukiyoe style_vangogh sat2map map2sat cityscapes_photo2label cityscapes_label2photo facades_photo2label facades_label2photo iphone2dslr_flower"
-DEFAULT_URLS="https://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models"
-PROG=download_pretrained_model.sh
+PROG=saved_models/download_pretrained_model.sh
 
-usage() {
-    echo "usage: sh saved_models/$PROG NAME" >&2
-    echo "valid names: $MODELS" >&2
-    exit 1
-}
-
-err() {
-    echo "$PROG: error: $*" >&2
-}
+# SCRIPT_DIR (the folder of this script: all downloads go there), usage, err,
+# run, the cleanup traps: shared with data/download_cyclegan_dataset.sh,
+# in scripts/download.sh
+. "$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)/scripts/download.sh" || exit 1
 
 # ---- arguments (checked before anything touches the disk or the network) ----
-if [ "$#" -ne 1 ]; then
-    [ "$#" -eq 0 ] && err "no model name given"
-    [ "$#" -gt 1 ] && err "expected exactly one model name, got $#"
-    usage
-fi
+check_name model "$MODELS" "$@"
 NAME=$1
-known=0
-for m in $MODELS; do
-    if [ "$m" = "$NAME" ]; then
-        known=1
-    fi
-done
-if [ "$known" -ne 1 ]; then
-    err "unknown model '$NAME'"
-    usage
-fi
 
 # ---- locations: always the folder that holds this script ----
-SCRIPT_DIR=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P) || {
-    err "cannot find the directory of $0"
-    exit 1
-}
 ROOT=$(dirname -- "$SCRIPT_DIR")
 DEST_DIR="$SCRIPT_DIR/${NAME}_pretrained"
 DEST="$DEST_DIR/latest_net_G.pth"
@@ -71,22 +47,12 @@ PART="$SCRIPT_DIR/${NAME}_pretrained.pth.part"
 # the path to give test.py from the repository root
 SHOWN="${SCRIPT_DIR##*/}/${NAME}_pretrained/latest_net_G.pth"
 
-if [ -e "$DEST" ]; then
-    echo "$DEST already exists; not downloading $NAME again (delete it to re-download)."
-    exit 0
-fi
+exit_if_present "$DEST" "$NAME"
 
-URLS=${CYCLEGAN_MODEL_URLS:-$DEFAULT_URLS}
+URLS=${CYCLEGAN_MODEL_URLS:-"https://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models"}
 
 # ---- tools (checked before downloading anything) ----
-if command -v curl >/dev/null 2>&1; then
-    FETCH=curl
-elif command -v wget >/dev/null 2>&1; then
-    FETCH=wget
-else
-    err "neither curl nor wget is installed; install one of them to download $NAME.pth"
-    exit 1
-fi
+find_downloader "$NAME.pth"
 if [ -z "$PYTHON" ]; then
     if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
@@ -128,45 +94,15 @@ print("Checked: an official ResNet generator, %d residual blocks, %d -> %d chann
 '
 
 # ---- cleanup on failure or interruption ----
-CHILD=
+# what on_exit (scripts/download.sh) removes when the script stops, finished or not
 MADE_DIR=
 cleanup() {
-    if [ -n "$CHILD" ]; then
-        kill "$CHILD" 2>/dev/null
-        wait "$CHILD" 2>/dev/null
-        CHILD=
-    fi
     rm -f "$PART"
     if [ -n "$MADE_DIR" ]; then
         rmdir "$DEST_DIR" 2>/dev/null
     fi
 }
-on_exit() {
-    status=$?
-    trap - EXIT INT TERM HUP
-    cleanup
-    exit "$status"
-}
-on_signal() {
-    err "interrupted by SIG$1; removing the partial download"
-    exit "$2"
-}
-trap on_exit EXIT
-trap 'on_signal INT 130' INT
-trap 'on_signal TERM 143' TERM
-trap 'on_signal HUP 129' HUP
-
-# Run a command in the background and wait for it, so that a signal sent to
-# this shell is handled at once (and the child is killed by cleanup) instead of
-# only after a long download has finished.
-run() {
-    "$@" &
-    CHILD=$!
-    wait "$CHILD"
-    rc=$?
-    CHILD=
-    return "$rc"
-}
+clean_up_on_exit
 
 # What a downloader's exit status means, in words.
 why() {
@@ -207,7 +143,7 @@ for base in $URLS; do
     fi
     rc=$?
     if [ "$rc" -ne 0 ]; then
-        echo "$PROG: $URL: $(why "$rc") ($FETCH exit $rc)" >&2
+        note "$URL: $(why "$rc") ($FETCH exit $rc)"
         case "$FETCH:$rc" in
             curl:5 | curl:6 | curl:7 | curl:28 | curl:35 | curl:60 | wget:4 | wget:5) unreachable=$((unreachable + 1)) ;;
         esac
@@ -215,14 +151,14 @@ for base in $URLS; do
         continue
     fi
     if [ ! -s "$PART" ]; then
-        echo "$PROG: $URL: empty file" >&2
+        note "$URL: empty file"
         rm -f "$PART"
         continue
     fi
     run "$PYTHON" -c "$CHECK" "$ROOT" "$PART"
     rc=$?
     if [ "$rc" -ne 0 ]; then
-        echo "$PROG: $URL: rejected and deleted" >&2
+        note "$URL: rejected and deleted"
         rm -f "$PART"
         continue
     fi
@@ -233,14 +169,7 @@ for base in $URLS; do
         }
         MADE_DIR=1
     fi
-    if [ -e "$DEST" ]; then
-        err "$DEST appeared while downloading; leaving it alone"
-        exit 1
-    fi
-    mv "$PART" "$DEST" || {
-        err "cannot move the download to $DEST"
-        exit 1
-    }
+    move_into_place "$PART" "$DEST" "the download"
     MADE_DIR=
     echo "Model $NAME is ready in $DEST"
     echo "Translate with: python test.py --checkpoint $SHOWN --image_path horse.jpg"
