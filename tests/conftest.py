@@ -26,8 +26,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import pytest
+from PIL import Image
 
 # The suite runs in two worker processes (pytest.ini: -n 2), one per core; each of them,
 # and every process a test starts, computes on one thread, or the two cores would be
@@ -102,7 +104,6 @@ def make_generator(channels=3, seed=0, official=False, ngf=64, n_blocks=2):
 def write_images(folder, n, seed, size=(36, 40), high=256):
     """n random RGB images (h, w = size, values below `high`), 000.png, 001.png, ..."""
     import numpy as np
-    from PIL import Image
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
@@ -129,15 +130,25 @@ def translate_script():
     return sys.modules["cyclegan_translate_script"]
 
 
-def run_translate(argv, capsys, fp32_default=True):
-    """test.py's main in this process (fp32 unless argv names a precision): (exit code, stdout,
-    stderr). Any exception other than SystemExit propagates and fails the test, as it would
-    be a traceback on the command line."""
+def translate_in_process(argv):
+    """test.py's main in this process: its exit code. Any exception other than SystemExit
+    propagates and fails the test, as it would be a traceback on the command line."""
+    # test.py sets Pillow's pixel limit and a warnings filter for its process; restore both so
+    # a later test in this worker opens images under Pillow's defaults
+    max_pixels = Image.MAX_IMAGE_PIXELS
     try:
-        translate_script().main(fp32(argv) if fp32_default else [str(a) for a in argv])
-        code = 0
+        with warnings.catch_warnings():
+            translate_script().main([str(a) for a in argv])
+        return 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def run_translate(argv, capsys, fp32_default=True):
+    """translate_in_process (fp32 unless argv names a precision): (exit code, stdout, stderr)."""
+    code = translate_in_process(fp32(argv) if fp32_default else argv)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "test.py")
 
 import conftest  # noqa: E402
-from conftest import fp32, make_generator, run_translate as run_main  # noqa: E402
+from conftest import fp32, make_generator, run_translate as run_main, translate_in_process  # noqa: E402
 import models  # noqa: E402
 from datasets import load_image  # noqa: E402
 from models import Discriminator  # noqa: E402
@@ -462,11 +462,7 @@ def modes_run(g3, g1, tmp_path_factory):
     results = {}
     for channels, (ckpt, _) in [(3, g3), (1, g1)]:
         out_dir = d / f"out{channels}"
-        code = 0
-        try:
-            tt.main(["--checkpoint", ckpt, "--image_path", str(d / "in"), "--output_dir", str(out_dir), "--amp", "none"])
-        except SystemExit as e:
-            code = e.code
+        code = translate_in_process(["--checkpoint", ckpt, "--image_path", d / "in", "--output_dir", out_dir, "--amp", "none"])
         results[channels] = (code, out_dir)
     return d / "in", sizes, results
 
