@@ -106,7 +106,7 @@ def build_step(opt, device):
     train_opt.n_residual_blocks, train_opt.amp, train_opt.compile = opt.n_residual_blocks, opt.amp, opt.compile
     procs = SimpleNamespace(ddp=False, master=True)  # one process, which prints
     torch.manual_seed(0)
-    nets = cyclegan.build_networks(train_opt, device)
+    nets, _ = cyclegan.build_networks(train_opt, device)
     memory_format = torch.channels_last if opt.channels_last else torch.contiguous_format
     for net in nets.values():
         net.to(memory_format=memory_format)

@@ -10,12 +10,15 @@ Samples go to images/<dataset>/, weights to saved_models/<dataset>/{G_AB,G_BA,D_
 from which --resume continues exactly.
 """
 import argparse
+import copy
 import glob
+import math
 import os
 import random
 import re
 import signal
 import sys
+import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -24,17 +27,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from datasets import (ImageDataset, NoReadableImage, UnpairedSampler, UnreadableFiles, check_some_readable, fixed_samples,
                       train_transforms, verify_images)
-from models import Discriminator, GeneratorResNet, clean_state_dict, weights_init_normal
+from models import Discriminator, GeneratorResNet, clean_state_dict, receptive_field_for, weights_init_normal
 from report import (LOSS_NAMES, ResultsPage, TrainingLog, build_evaluator, evaluate_generators, keep_eval_rows_until,
                     record_evaluation, sample_images, tensorboard_writer)
 from synthetic import BUILTIN_DATASET, make_day2night
-from utils import (LambdaLR, ReplayBuffer, StopSignal, TrainingState, add_device_args, autocast_context, check_finite_weights,
-                   check_writable, choose_precision, clean_killed_saves, die, load_checkpoint, pick_device, precision_name,
-                   save_atomic)
+from utils import (BudgetLR, LambdaLR, ReplayBuffer, StopSignal, TrainingState, add_device_args, autocast_context, check_finite_weights,
+                   check_writable, choose_precision, clean_killed_saves, die, load_checkpoint, parse_budget, pick_device, precision_name,
+                   rng_state, save_atomic, set_rng_state, update_ema)
 
 # Flags that may differ between a run and its --resume: they change neither the model, nor
 # the data order, nor the algorithm. A resumed run is bitwise the run it continues when it
@@ -68,8 +71,25 @@ def get_parser():
     p.add_argument("--lambda_id", type=float, default=5.0, help="identity loss weight")
     p.add_argument("--pool_size", type=int, default=50, help="size of the fake image replay buffers; 0 disables them")
     p.add_argument("--data_root", type=str, default=None, help="dataset folder (default: data/<dataset_name>)")
-    p.add_argument("--d_receptive_field", type=int, default=94, choices=(94, 70),
-                   help="discriminator patch size: 94 is the seed's (4th conv stride 2), 70 the paper's PatchGAN")
+    p.add_argument("--d_receptive_field", type=lambda s: s if s == "auto" else int(s), default=94, choices=(94, 70, 34, 16, "auto"),
+                   help="discriminator patch size: 94 is the seed's (4th conv stride 2), 70 the paper's PatchGAN, 34 and 16 "
+                        "its smaller variants; auto: the one whose share of the crop is closest to the paper's 70/256")
+    # levers for short runs and small images (README, "Quality"); their defaults are the seed's
+    p.add_argument("--ngf", type=int, default=64, help="generator width: channels of its first convolution")
+    p.add_argument("--identity_start", action="store_true",
+                   help="generators add their output to the input (a global skip) and start as the identity")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep a moving average of the generators' weights (e.g. 0.999), which is what is saved as "
+                        "G_*.pth, evaluated and sampled; last.pt keeps both; 0: off")
+    p.add_argument("--diffaug", type=str, default="", metavar="POLICY",
+                   help="DiffAugment of every discriminator input, real and fake alike: a comma-separated list of "
+                        f"{', '.join(DIFFAUG_POLICIES)}; empty: off")
+    p.add_argument("--budget", type=str, default=None,
+                   help="train for this long (90s, 45min, 1.5h: turned into iterations once, from this machine's speed, "
+                        "and recorded in last.pt) or this many iterations, with the learning rate of --warmup and "
+                        "--decay_fraction over it (instead of --n_epochs and --decay_epoch)")
+    p.add_argument("--warmup", type=float, default=0.0, help="with --budget: fraction of the run over which the learning rate rises linearly from 0")
+    p.add_argument("--decay_fraction", type=float, default=0.5, help="with --budget: last fraction of the run over which the learning rate falls linearly to 0")
     add_device_args(p)
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -123,9 +143,23 @@ def check_flags(opt):
               ("pool_size", opt.pool_size >= 0, "at least 0 (0 turns the replay buffers off)"),
               ("log_interval", opt.log_interval >= 1, "at least 1"),
               ("seed", opt.seed is None or 0 <= opt.seed < 2**32, "between 0 and 2**32 - 1")]
+    ranges += [("ngf", opt.ngf >= 1, "at least 1"),
+               ("ema", 0 <= opt.ema < 1, "in [0, 1) (0 turns the average off)"),
+               ("warmup", 0 <= opt.warmup <= 1, "in [0, 1]"),
+               ("decay_fraction", 0 <= opt.decay_fraction <= 1, "in [0, 1]")]
     for flag, ok, allowed in ranges:
         if not ok:
             die(f"--{flag} must be {allowed}, got {getattr(opt, flag)}")
+    unknown = [p for p in opt.diffaug.split(",") if p and p not in DIFFAUG_POLICIES]
+    if unknown:
+        die(f"--diffaug: unknown polic{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; choose from {', '.join(DIFFAUG_POLICIES)}")
+    if opt.budget is not None:
+        try:
+            parse_budget(opt.budget)
+        except ValueError as e:
+            die(f"--budget {e}")
+        if opt.warmup + opt.decay_fraction > 1:
+            die(f"--warmup {opt.warmup} and --decay_fraction {opt.decay_fraction} overlap: together they must be at most 1")
     if min(opt.img_height, opt.img_width) < 32:
         # the discriminator halves the size four times and InstanceNorm needs > 1 pixel left
         die(f"--img_height/--img_width must be at least 32, got {opt.img_height}x{opt.img_width}")
@@ -175,6 +209,9 @@ def parse_args(argv):
         opt = argparse.Namespace(**{**vars(opt), **saved, **{k: v for k, v in given.items() if k in RESUME_HARMLESS}})
         opt.resume = path
     else:
+        clash = [f"--{k}" for k in ("n_epochs", "decay_epoch", "epoch") if k in given]
+        if opt.budget is not None and clash:
+            die(f"--budget sets the run's length and learning-rate schedule: leave out {', '.join(clash)}")
         check_flags(opt)
         if opt.epoch == 0 and not opt.overwrite:
             refuse_existing_run(opt)
@@ -320,13 +357,23 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def d_receptive_field(opt):
+    return receptive_field_for(opt.img_height, opt.img_width) if opt.d_receptive_field == "auto" else opt.d_receptive_field
+
+
 def build_networks(opt, device):
+    """The four networks, initialised as the seed does (then, with --identity_start, the
+    generators made the identity), and with --ema the generators' averaged copies."""
     input_shape = (opt.channels, opt.img_height, opt.img_width)
-    nets = {"G_AB": GeneratorResNet(input_shape, opt.n_residual_blocks), "G_BA": GeneratorResNet(input_shape, opt.n_residual_blocks),
-            "D_A": Discriminator(input_shape, opt.d_receptive_field), "D_B": Discriminator(input_shape, opt.d_receptive_field)}
-    for net in nets.values():
+    nets = {name: GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start) for name in ("G_AB", "G_BA")}
+    nets.update({name: Discriminator(input_shape, d_receptive_field(opt)) for name in ("D_A", "D_B")})
+    for name, net in nets.items():
         net.apply(weights_init_normal)
-    return {name: net.to(device) for name, net in nets.items()}
+        if name.startswith("G") and opt.identity_start:
+            net.start_as_identity()
+    nets = {name: net.to(device) for name, net in nets.items()}
+    ema = {name: copy.deepcopy(nets[name]).requires_grad_(False) for name in ("G_AB", "G_BA")} if opt.ema > 0 else {}
+    return nets, ema
 
 
 def adam_options(device):
@@ -339,7 +386,10 @@ def build_optimizers(opt, nets, device):
     optimizers = {"optimizer_G": torch.optim.Adam(list(nets["G_AB"].parameters()) + list(nets["G_BA"].parameters()), **adam),
                   "optimizer_D_A": torch.optim.Adam(nets["D_A"].parameters(), **adam),
                   "optimizer_D_B": torch.optim.Adam(nets["D_B"].parameters(), **adam)}
-    lr_lambda = LambdaLR(opt.n_epochs, opt.epoch, opt.decay_epoch).step
+    if opt.budget is not None:  # stepped every iteration
+        lr_lambda = BudgetLR(opt.budget_iters, opt.warmup, opt.decay_fraction).step
+    else:  # stepped every epoch
+        lr_lambda = LambdaLR(opt.n_epochs, opt.epoch, opt.decay_epoch).step
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda=lr_lambda) for name, o in optimizers.items()}
     return optimizers, schedulers
 
@@ -362,6 +412,8 @@ def restore(opt, resume_state, training, device, procs, model_dir):
     if resume_state is None:
         if opt.epoch > 0:
             load_epoch_weights(training.nets, model_dir, opt.epoch, device)
+            for name, ema in training.ema.items():  # (G_*.pth hold what the run published)
+                ema.load_state_dict(training.nets[name].state_dict())
         return
     training.load_state_dict(resume_state, adam_options(device), procs.rank, procs.world_size, device)
     if procs.master:
@@ -384,6 +436,78 @@ def networks_for_step(nets, opt, device, procs):
 
 
 # -----------------------------------------------------------------------------
+# --budget: the run's length, in iterations
+
+def total_iterations(opt, n_batches):
+    return opt.budget_iters if opt.budget is not None else opt.n_epochs * n_batches
+
+
+def n_evaluations(opt, iterations, n_batches):
+    """Evaluations in a run of `iterations`: every --eval_interval epochs, and after the last."""
+    if opt.eval_interval <= 0:
+        return 0
+    epochs = math.ceil(iterations / n_batches)
+    return epochs // opt.eval_interval + (epochs % opt.eval_interval != 0)
+
+
+def measure_costs(opt, dataset, device, autocast, scaler, evaluator, steps=8):
+    """Seconds per training iteration (loading its batch included) and per evaluation here,
+    measured on throwaway networks; every RNG is put back, so the run itself is the same
+    whether or not it measured first."""
+    saved_rng = rng_state()
+    try:
+        nets, _ = build_networks(opt, device)
+        optimizers, _ = build_optimizers(argparse.Namespace(**{**vars(opt), "budget": None}), nets, device)
+        buffers = {"fake_A": ReplayBuffer(opt.pool_size, seed=0), "fake_B": ReplayBuffer(opt.pool_size, seed=1)}
+        step_nets = networks_for_step(nets, opt, device, SimpleNamespace(ddp=False))
+        times = []
+        for k in range(steps + 2):  # the first two warm up (allocations, compilation)
+            t0 = time.perf_counter()
+            batch = default_collate([dataset[(k * opt.batch_size + j) % len(dataset)] for j in range(opt.batch_size)])
+            train_step(batch["A"].to(device), batch["B"].to(device), step_nets, optimizers, buffers,
+                       opt.lambda_cyc, opt.lambda_id, autocast, scaler, opt.diffaug)["loss_G"].item()
+            times.append(time.perf_counter() - t0)
+        step_s = sorted(times[2:])[len(times[2:]) // 2]  # the median: robust to a slow outlier
+        eval_s = 0.0
+        if evaluator is not None:
+            # the first evaluation also takes the real test images' features, which later ones
+            # read from the cache: count only the translations' share of the images it featurised
+            for r in evaluate_generators(evaluator, nets, device).values():
+                eval_s += r["seconds"] * (1 if r["real_cached"] else r["n_fake"] / (r["n_fake"] + 2 * r["n_real"]))
+    finally:
+        set_rng_state(saved_rng)
+    return step_s, eval_s
+
+
+def fit_budget(opt, dataset, n_batches, device, autocast, scaler, evaluator, procs, started):
+    """Turn --budget into opt.budget_iters and opt.n_epochs, once, at the start of a run; they
+    are saved with the arguments in last.pt, so a resumed run keeps them. A time budget is
+    the wall time of the whole run, less what has been spent since `started`: iterations at
+    the measured speed plus the evaluations --eval_interval asks for. Under torchrun rank 0's
+    figure is everyone's."""
+    kind, amount = parse_budget(opt.budget)
+    if kind == "iterations":
+        total = amount
+    else:
+        step_s, eval_s = measure_costs(opt, dataset, device, autocast, scaler, evaluator)
+        left = amount - (time.time() - started)
+        total = max(0, int(left / step_s))
+        for _ in range(5):  # evaluations take time from iterations, and fewer iterations may need fewer evaluations
+            total = max(0, int((left - n_evaluations(opt, total, n_batches) * eval_s) / step_s))
+        if total < 1:
+            die(f"--budget {opt.budget}: too short here for one iteration ({step_s:.2f} s) and the evaluations "
+                f"({eval_s:.0f} s each); give more time, or a number of iterations")
+        if procs.master:
+            print(f"--budget {opt.budget}: {step_s:.3f} s per iteration" + (f" and {eval_s:.0f} s per evaluation" if eval_s else "")
+                  + f" on this machine: {total} iterations ({total / n_batches:.1f} epochs)")
+    if procs.ddp:
+        total_t = torch.tensor([total], dtype=torch.int64)
+        dist.broadcast(total_t, src=0, group=procs.group)
+        total = int(total_t[0])
+    opt.budget_iters, opt.n_epochs = total, math.ceil(total / n_batches)
+
+
+# -----------------------------------------------------------------------------
 # One training step
 
 def set_requires_grad(nets, flag):
@@ -398,6 +522,51 @@ def gan_loss(pred, target_is_real):
     return F.mse_loss(pred, target)
 
 
+DIFFAUG_POLICIES = ("color", "translation", "cutout")
+
+
+def diff_augment(x, policy, pairs=1):
+    """DiffAugment (Zhao et al. 2020): random, differentiable changes of D's input, so that a
+    D trained on few images cannot memorise them; gradients flow through to G. `policy`:
+    comma-separated DIFFAUG_POLICIES. x holds `pairs` equal-sized groups (real images, then
+    fakes): image k of every group gets the same draw, so D cannot tell a real image from a
+    fake one by how it was augmented. Draws from torch's global RNG (saved in last.pt)."""
+    n = x.size(0) // pairs
+
+    def draw(*shape):  # one draw per image of a group, repeated for every group
+        return torch.rand(n, *shape, device=x.device, dtype=x.dtype).repeat(pairs, *([1] * len(shape)))
+
+    for p in filter(None, policy.split(",")):
+        if p == "color":  # brightness, saturation, contrast, as the paper's code
+            x = x + (draw(1, 1, 1) - 0.5)
+            mean = x.mean(dim=1, keepdim=True)
+            x = (x - mean) * (draw(1, 1, 1) * 2) + mean
+            mean = x.mean(dim=[1, 2, 3], keepdim=True)
+            x = (x - mean) * (draw(1, 1, 1) + 0.5) + mean
+        elif p == "translation":  # shift by up to 1/8 of the size, zeros shifted in
+            h, w = x.shape[-2:]
+            sh, sw = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
+            dy = (draw() * (2 * sh + 1)).long().clamp(max=2 * sh) - sh
+            dx = (draw() * (2 * sw + 1)).long().clamp(max=2 * sw) - sw
+            rows = torch.arange(h, device=x.device).view(1, h, 1) + dy.view(-1, 1, 1)  # source row of each output row
+            cols = torch.arange(w, device=x.device).view(1, 1, w) + dx.view(-1, 1, 1)
+            inside = ((rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)).unsqueeze(1)
+            batch = torch.arange(x.size(0), device=x.device).view(-1, 1, 1)
+            x = x.permute(0, 2, 3, 1)[batch, rows.clamp(0, h - 1), cols.clamp(0, w - 1)].permute(0, 3, 1, 2) * inside
+        elif p == "cutout":  # zero a square of half the size, anywhere (partly outside)
+            h, w = x.shape[-2:]
+            ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
+            top = (draw() * (h + (1 - ch % 2))).long() - ch // 2
+            left = (draw() * (w + (1 - cw % 2))).long() - cw // 2
+            rows = torch.arange(h, device=x.device).view(1, h, 1) - top.view(-1, 1, 1)
+            cols = torch.arange(w, device=x.device).view(1, 1, w) - left.view(-1, 1, 1)
+            keep = ~((rows >= 0) & (rows < ch) & (cols >= 0) & (cols < cw))
+            x = x * keep.unsqueeze(1)
+        else:
+            raise ValueError(f"unknown DiffAugment policy {p!r}")
+    return x
+
+
 def backward_step(loss, optimizer, scaler):
     if scaler is None:
         loss.backward()
@@ -407,10 +576,12 @@ def backward_step(loss, optimizer, scaler):
         scaler.step(optimizer)
 
 
-def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambda_id=5.0, autocast=nullcontext(), scaler=None):
+def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambda_id=5.0, autocast=nullcontext(), scaler=None,
+               diffaug=""):
     """One CycleGAN iteration: the generators, then D_A, then D_B, in the seed's
     order and with its loss averaging. Returns the losses (LOSS_NAMES) as detached
     tensors: fetching them to the host is left to the caller, so nothing here syncs.
+    `diffaug`: the DiffAugment policy applied to everything the discriminators see.
 
     nets: {"G_AB", "G_BA", "D_A", "D_B"}; optimizers: {"optimizer_G", "optimizer_D_A",
     "optimizer_D_B"}; buffers: {"fake_A", "fake_B"} (ReplayBuffers of earlier fakes)."""
@@ -436,7 +607,7 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
         recov_B = G_AB(fake_A)
         # (autocast computes the losses in fp32)
         loss_identity = (F.l1_loss(same_A, real_A) + F.l1_loss(same_B, real_B)) / 2
-        loss_GAN = (gan_loss(grade_B(fake_B), True) + gan_loss(grade_A(fake_A), True)) / 2
+        loss_GAN = (gan_loss(grade_B(diff_augment(fake_B, diffaug)), True) + gan_loss(grade_A(diff_augment(fake_A, diffaug)), True)) / 2
         loss_cycle = (F.l1_loss(recov_A, real_A) + F.l1_loss(recov_B, real_B)) / 2
         loss_G = loss_GAN + lambda_cyc * loss_cycle + lambda_id * loss_identity
     backward_step(loss_G, optimizer_G, scaler)
@@ -452,7 +623,7 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
         fake_ = buffer.push_and_pop(fake.to(real.dtype))  # the buffer keeps the data's precision
         optimizer_D.zero_grad(set_to_none=True)
         with autocast:
-            pred_real, pred_fake = D(torch.cat([real, fake_])).split(n)
+            pred_real, pred_fake = D(diff_augment(torch.cat([real, fake_]), diffaug, pairs=2)).split(n)
             loss_D = (gan_loss(pred_real, True) + gan_loss(pred_fake, False)) / 2
         backward_step(loss_D, optimizer_D, scaler)
         losses_D.append(loss_D)
@@ -473,7 +644,7 @@ def save_last(training, report, model_dir, iteration, procs):
     logged so far and the weights are known to be finite."""
     if procs.master:
         report.log.flush()
-        check_finite_weights(training.nets, iteration, model_dir)
+        check_finite_weights({**training.nets, **{"ema_" + k: v for k, v in training.ema.items()}}, iteration, model_dir)
     training.save(os.path.join(model_dir, "last.pt"), procs.group)
 
 
@@ -500,18 +671,17 @@ def every(interval, count):
     return interval > 0 and count % interval == 0
 
 
-def start_report(opt, data_root, device, dataset, n_batches, training, model_dir, procs):
+def start_report(opt, device, dataset, n_batches, training, model_dir, procs, evaluator):
     """What rank 0 writes beside the weights: log.csv and the progress line, the results
-    page, TensorBoard, and the FID evaluator (None where not asked for). Other ranks: None."""
+    page, TensorBoard, and the FID `evaluator` (None where not asked for). Other ranks: None."""
     if not procs.master:
         return None
     done = training.epoch * n_batches + training.batch
-    report = SimpleNamespace(evaluator=build_evaluator(opt, data_root, device),
-                             writer=tensorboard_writer(opt) if opt.tensorboard else None)
+    report = SimpleNamespace(evaluator=evaluator, writer=tensorboard_writer(opt) if opt.tensorboard else None)
     clean_killed_saves(model_dir)
     if opt.overwrite and not opt.resume and opt.epoch == 0:
         remove_old_run(opt)
-    report.log = TrainingLog(os.path.join(model_dir, "log.csv"), opt.n_epochs * n_batches, done, opt.log_interval, model_dir,
+    report.log = TrainingLog(os.path.join(model_dir, "log.csv"), total_iterations(opt, n_batches), done, opt.log_interval, model_dir,
                              report.writer)
     keep_eval_rows_until(model_dir, training.epoch)
     report.page = ResultsPage(os.path.join("images", opt.dataset_name), opt, n_batches, model_dir)
@@ -533,17 +703,18 @@ def end_of_epoch(training, report, model_dir, n_batches, device, procs):
     the per-epoch weights and the evaluation at their intervals (and last.pt again after an
     evaluation, to carry its best FIDs), and the results page."""
     opt, done = training.opt, training.epoch
-    for scheduler in training.schedulers.values():
-        scheduler.step()
-    last_iteration = done * n_batches - 1
+    if opt.budget is None:  # (--budget's schedule steps every iteration)
+        for scheduler in training.schedulers.values():
+            scheduler.step()
+    last_iteration = min(done * n_batches, total_iterations(opt, n_batches)) - 1
     # (under torchrun the other processes wait for rank 0 in these saves' gather)
     save_last(training, report, model_dir, last_iteration, procs)
     if procs.master and (done == opt.n_epochs or every(opt.checkpoint_interval, done)):
-        save_epoch_weights(training.nets, model_dir, done)
+        save_epoch_weights(training.published(), model_dir, done)
     if opt.eval_interval > 0 and (done == opt.n_epochs or every(opt.eval_interval, done)):
         if procs.master:
-            results = evaluate_generators(report.evaluator, training.nets, device)
-            record_evaluation(results, done, last_iteration, training.nets, model_dir, training.best_fid, report.writer)
+            results = evaluate_generators(report.evaluator, training.published(), device)
+            record_evaluation(results, done, last_iteration, training.published(), model_dir, training.best_fid, report.writer)
         save_last(training, report, model_dir, last_iteration, procs)
     if procs.master:
         report.page.update(replot=True)
@@ -563,6 +734,7 @@ def stop_after_signal(training, report, model_dir, iteration, procs, signum):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
+    started = time.time()
     opt, resume_state = parse_args(sys.argv[1:] if argv is None else argv)
     model_dir = os.path.join("saved_models", opt.dataset_name)
     device, procs = setup_processes(opt)
@@ -570,39 +742,51 @@ def main(argv=None):
     seed_everything(opt.seed)
 
     data_root, dataset, sampler, dataloader = build_data(opt, device, procs)
+    n_batches = len(dataloader)
     fixed_A, fixed_B = (x.to(device) for x in fixed_samples(data_root, opt.img_height, opt.img_width, opt.channels))
-    nets = build_networks(opt, device)
+    evaluator = build_evaluator(opt, data_root, device) if procs.master else None
+    if opt.budget is not None and resume_state is None:
+        fit_budget(opt, dataset, n_batches, device, autocast, scaler, evaluator, procs, started)
+    nets, ema = build_networks(opt, device)
     optimizers, schedulers = build_optimizers(opt, nets, device)
     buffers = {"fake_A": ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * procs.rank),
                "fake_B": ReplayBuffer(opt.pool_size, seed=opt.seed + 2 * procs.rank + 1)}
-    training = TrainingState(opt, nets, optimizers, schedulers, buffers, scaler, device.type, precision_name(dtype))
+    training = TrainingState(opt, nets, optimizers, schedulers, buffers, scaler, device.type, precision_name(dtype), ema)
     restore(opt, resume_state, training, device, procs, model_dir)
     step_nets = networks_for_step(nets, opt, device, procs)
 
-    n_batches = len(dataloader)
     stop = StopSignal(f"finishing this batch and saving {model_dir}/last.pt ..." if procs.master else None, procs.group)
     unreadable = UnreadableFiles(dataset)
-    report = start_report(opt, data_root, device, dataset, n_batches, training, model_dir, procs)
+    report = start_report(opt, device, dataset, n_batches, training, model_dir, procs, evaluator)
 
     start_epoch, start_batch = training.epoch, training.batch
+    last_iteration = total_iterations(opt, n_batches) - 1
     for epoch in range(start_epoch, opt.n_epochs):
         first = start_batch if epoch == start_epoch else 0
         sampler.set_epoch(epoch)
         sampler.set_start(first * opt.batch_size)
-        lr = optimizers["optimizer_G"].param_groups[0]["lr"]
         for i, batch in enumerate(batches_or_die(dataloader, dataset, report), start=first):
+            iteration = epoch * n_batches + i
+            if iteration > last_iteration:  # --budget: the last epoch ends early
+                break
             if any(batch["bad"]):
                 unreadable.add(batch["bad"])
             real_A = batch["A"].to(device, non_blocking=True)
             real_B = batch["B"].to(device, non_blocking=True)
-            losses = train_step(real_A, real_B, step_nets, optimizers, buffers, opt.lambda_cyc, opt.lambda_id, autocast, scaler)
-            iteration = epoch * n_batches + i
+            lr = optimizers["optimizer_G"].param_groups[0]["lr"]
+            losses = train_step(real_A, real_B, step_nets, optimizers, buffers, opt.lambda_cyc, opt.lambda_id, autocast, scaler,
+                                opt.diffaug)
+            if ema:
+                update_ema(ema, nets, opt.ema)
+            if opt.budget is not None:
+                for scheduler in schedulers.values():
+                    scheduler.step()
             training.epoch, training.batch = epoch, i + 1  # where a save from here on continues
             if procs.master:
                 report.log.add(epoch, i, iteration, losses, lr)
                 if every(opt.sample_interval, iteration):
-                    show_samples(report, fixed_A, fixed_B, nets, autocast, opt, iteration)
-            if every(opt.save_latest_interval, iteration + 1):
+                    show_samples(report, fixed_A, fixed_B, training.published(), autocast, opt, iteration)
+            if every(opt.save_latest_interval, iteration + 1) and iteration < last_iteration:
                 save_last(training, report, model_dir, iteration, procs)
             if stop.agreed():
                 stop_after_signal(training, report, model_dir, iteration, procs, stop.signum)

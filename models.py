@@ -49,18 +49,24 @@ class ResidualBlock(nn.Module):
 
 
 class GeneratorResNet(nn.Module):
-    def __init__(self, input_shape, num_residual_blocks):
+    """The seed's generator; `ngf` (its width: 64) and `identity_start` are levers for small
+    budgets. With identity_start the output is the input plus what the network adds
+    (a global skip, in place of the final tanh), and start_as_identity() zeroes the last
+    convolution, so that training starts from G(x) = x rather than from noise. A buffer
+    `global_skip` marks such weights, so that loading them builds the same forward pass."""
+
+    def __init__(self, input_shape, num_residual_blocks, ngf=64, identity_start=False):
         super().__init__()
         channels = input_shape[0]
         # The 7x7 convolutions need a padding of 3 to keep the size. The seed padded
         # by `channels`, which is 3 only for RGB and breaks grayscale models.
         model = [
             nn.ReflectionPad2d(3),
-            nn.Conv2d(channels, 64, 7),
-            nn.InstanceNorm2d(64),
+            nn.Conv2d(channels, ngf, 7),
+            nn.InstanceNorm2d(ngf),
             nn.ReLU(inplace=True),
         ]
-        in_features = 64
+        in_features = ngf
         for _ in range(2):  # downsampling
             out_features = in_features * 2
             model += [
@@ -79,11 +85,21 @@ class GeneratorResNet(nn.Module):
                 nn.ReLU(inplace=True),
             ]
             in_features = out_features
-        model += [nn.ReflectionPad2d(3), nn.Conv2d(in_features, channels, 7), nn.Tanh()]
+        # (Identity keeps the tanh's index, so both variants have the same keys)
+        model += [nn.ReflectionPad2d(3), nn.Conv2d(in_features, channels, 7), nn.Identity() if identity_start else nn.Tanh()]
         self.model = nn.Sequential(*model)
+        self.identity_start = identity_start
+        if identity_start:
+            self.register_buffer("global_skip", torch.ones(()))
+
+    def start_as_identity(self):
+        """Zero the last convolution: with the global skip, G(x) = x exactly."""
+        nn.init.zeros_(self.model[-2].weight)
+        nn.init.zeros_(self.model[-2].bias)
 
     def forward(self, x):
-        return self.model(x)
+        y = self.model(x)
+        return x + y if self.identity_start else y
 
 
 # -----------------------------------------------------------------------------
@@ -141,22 +157,34 @@ class OfficialGenerator(nn.Module):
 
 # -----------------------------------------------------------------------------
 
+# A PatchGAN's receptive field -> its number of stride-2 convolutions
+D_RECEPTIVE_FIELDS = {94: 4, 70: 3, 34: 2, 16: 1}
+
+
+def receptive_field_for(height, width):
+    """The receptive field (70, 34 or 16) whose share of the crop is closest to the paper's
+    70/256: a D that sees the whole image judges it as one, not patch by patch."""
+    return min((70, 34, 16), key=lambda rf: abs(rf / min(height, width) - 70 / 256))
+
+
 class Discriminator(nn.Module):
     """PatchGAN. The seed's default stacks four stride-2 convolutions, which gives
     a 94x94 receptive field and an (H/16, W/16) output, although the tutorial calls
     it 70x70. receptive_field=70 makes the 4th convolution stride 1 and drops the
-    zero padding, which is the paper's 70x70 PatchGAN (30x30 output at 256x256).
-    Both variants have the same state_dict keys and shapes."""
+    zero padding, which is the paper's 70x70 PatchGAN (30x30 output at 256x256), with
+    the same state_dict keys and shapes as the seed's. 34 and 16 are the official code's
+    PatchGAN with 2 and 1 stride-2 convolutions (n_layers), for small crops."""
 
     def __init__(self, input_shape, receptive_field=94):
         super().__init__()
-        if receptive_field not in (70, 94):
-            raise ValueError(f"receptive_field must be 70 or 94, got {receptive_field}")
+        if receptive_field not in D_RECEPTIVE_FIELDS:
+            raise ValueError(f"receptive_field must be one of {sorted(D_RECEPTIVE_FIELDS)}, got {receptive_field}")
         channels, height, width = input_shape
+        n_strided = D_RECEPTIVE_FIELDS[receptive_field]
         if receptive_field == 94:
             self.output_shape = (1, height // 2**4, width // 2**4)
-        else:
-            self.output_shape = (1, height // 2**3 - 2, width // 2**3 - 2)
+        else:  # each stride-2 conv halves the size, each of the two stride-1 ones takes 1
+            self.output_shape = (1, height // 2**n_strided - 2, width // 2**n_strided - 2)
 
         def discriminator_block(in_filters, out_filters, normalize=True, stride=2):
             layers = [nn.Conv2d(in_filters, out_filters, 4, stride=stride, padding=1)]
@@ -165,16 +193,14 @@ class Discriminator(nn.Module):
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             return layers
 
-        last_stride = 2 if receptive_field == 94 else 1
-        self.model = nn.Sequential(
-            *discriminator_block(channels, 64, normalize=False),
-            *discriminator_block(64, 128),
-            *discriminator_block(128, 256),
-            *discriminator_block(256, 512, stride=last_stride),
-            # Identity keeps index 12 for the last conv, so both variants share keys.
-            nn.ZeroPad2d((1, 0, 1, 0)) if receptive_field == 94 else nn.Identity(),
-            nn.Conv2d(512, 1, 4, padding=1),
-        )
+        widths = [64, 128, 256, 512][:n_strided + (receptive_field != 94)]
+        layers = discriminator_block(channels, 64, normalize=False)
+        for k in range(1, len(widths)):
+            stride = 2 if k < n_strided else 1
+            layers += discriminator_block(widths[k - 1], widths[k], stride=stride)
+        # Identity keeps index 12 for the last conv of the 94 and 70 variants, so both share keys.
+        layers += [nn.ZeroPad2d((1, 0, 1, 0)) if receptive_field == 94 else nn.Identity(), nn.Conv2d(widths[-1], 1, 4, padding=1)]
+        self.model = nn.Sequential(*layers)
 
     def forward(self, img):
         return self.model(img)
@@ -229,7 +255,8 @@ def build_generator(state_dict):
     else:
         if c_in != c_out:
             raise ValueError(f"seed-layout generator with {c_in} input and {c_out} output channels")
-        G = GeneratorResNet((c_in, 0, 0), n_blocks)
+        G = GeneratorResNet((c_in, 0, 0), n_blocks, ngf=state_dict["model.1.weight"].shape[0],
+                            identity_start="global_skip" in state_dict)
     G.load_state_dict(state_dict, strict=True)
     return G
 
@@ -242,6 +269,9 @@ def load_generator(path, generator=None):
     if isinstance(state, dict) and "G_AB" in state and "G_BA" in state:  # a full-state last.pt
         if generator is None:
             die(f"{path} holds both generators: add --generator G_AB (A->B) or --generator G_BA (B->A)")
+        if "ema_" + generator in state:  # --ema: the averaged weights are the ones published
+            print(f"note: {path}: using the moving average of {generator}'s weights (--ema)", file=sys.stderr)
+            generator = "ema_" + generator
         state = state[generator]
     elif generator is not None:
         print(f"note: --generator {generator} ignored: {path} holds a single generator, which is used", file=sys.stderr)

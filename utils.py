@@ -8,6 +8,7 @@ import os
 import pickle
 import platform
 import random
+import re
 import shutil
 import signal
 import sys
@@ -86,6 +87,44 @@ class LambdaLR:
 
     def step(self, epoch):
         return 1.0 - max(0, epoch + self.offset - self.decay_start_epoch) / (self.n_epochs - self.decay_start_epoch)
+
+
+class BudgetLR:
+    """The learning-rate factor of a run of `total` iterations (--budget), stepped once per
+    iteration: a linear warm-up over the first `warmup` fraction, constant, then a linear
+    decay to 0 over the last `decay` fraction. (The seed's LambdaLR is in epochs, and a short
+    run never reaches its --decay_epoch.)"""
+
+    def __init__(self, total, warmup=0.0, decay=0.5):
+        self.total = total
+        self.warmup_iters, self.decay_iters = round(warmup * total), round(decay * total)
+
+    def step(self, iteration):
+        factor = 1.0
+        if self.warmup_iters > 0:
+            factor = min(factor, (iteration + 1) / self.warmup_iters)
+        if self.decay_iters > 0:
+            factor = min(factor, (self.total - iteration) / self.decay_iters)
+        return max(factor, 0.0)
+
+
+def parse_budget(text):
+    """--budget: ('seconds', s) for 90s, 45min, 1.5h; ('iterations', n) for a plain number."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|min|m|h)?\s*", text or "")
+    if not m or float(m.group(1)) <= 0 or (m.group(2) is None and not m.group(1).isdigit()):
+        raise ValueError(f"{text!r} is neither a time (90s, 45min, 1.5h) nor a whole number of iterations")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit is None:
+        return "iterations", int(value)
+    return "seconds", value * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[unit]
+
+
+@torch.no_grad()
+def update_ema(ema, nets, decay):
+    """ema <- decay * ema + (1 - decay) * weights, for each generator in `ema` ({name: copy})."""
+    for name, ema_net in ema.items():
+        for e, p in zip(ema_net.parameters(), nets[name].parameters()):
+            e.lerp_(p.detach(), 1.0 - decay)
 
 
 def die(msg):
@@ -250,18 +289,26 @@ def check_finite_weights(nets, iteration, model_dir):
 class TrainingState:
     """Everything --resume needs to continue a run exactly, under one name: the networks,
     their optimizers and learning-rate schedulers, the replay buffers, the GradScaler (fp16),
-    the position (epoch, and batch within it, to continue from), and what the run carries
-    beside them: the best FID of each generator so far (best_G_*.pth), and the device type
+    the position (epoch, and batch within it, to continue from), the moving averages of the
+    generators' weights (--ema; what is published as G_*.pth, while the raw weights go on
+    training), and what the run carries beside them: the best FID of each generator so far
+    (best_G_*.pth), and the device type
     and precision it trained in, which a resume is compared with. state_dict() is the
     content of last.pt (with the arguments and the RNG states); load_state_dict() restores
     it. Under DDP every process holds its own replay buffers: save() gathers them."""
 
-    def __init__(self, opt, nets, optimizers, schedulers, buffers, scaler=None, device_type="cpu", precision="fp32"):
+    def __init__(self, opt, nets, optimizers, schedulers, buffers, scaler=None, device_type="cpu", precision="fp32", ema=None):
         self.opt, self.nets, self.optimizers, self.schedulers = opt, nets, optimizers, schedulers
+        self.ema = ema or {}  # {"G_AB": averaged copy, "G_BA": ...}, or {} without --ema
         self.buffers, self.scaler = buffers, scaler  # buffers: {"fake_A": ReplayBuffer, "fake_B": ReplayBuffer}
         self.epoch, self.batch = opt.epoch, 0
         self.best_fid = {}
         self.device_type, self.precision = device_type, precision
+
+    def published(self):
+        """The networks as the run publishes them (G_*.pth, evaluations, sample grids):
+        the averaged generators where --ema keeps them, the raw ones otherwise."""
+        return {**self.nets, **self.ema}
 
     def buffer_states(self):
         return self.buffers["fake_A"].state_dict(), self.buffers["fake_B"].state_dict()
@@ -274,6 +321,7 @@ class TrainingState:
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "best_fid": self.best_fid, "device_type": self.device_type, "precision": self.precision}
         state.update({name: net.state_dict() for name, net in self.nets.items()})
+        state.update({"ema_" + name: net.state_dict() for name, net in self.ema.items()})
         state.update({name: o.state_dict() for name, o in self.optimizers.items()})
         state.update({"scheduler_" + name: s.state_dict() for name, s in self.schedulers.items()})
         return state
@@ -283,6 +331,8 @@ class TrainingState:
         on CUDA would otherwise carry fused=True into a CPU optimizer."""
         for name, net in self.nets.items():
             net.load_state_dict(state[name])
+        for name, net in self.ema.items():
+            net.load_state_dict(state["ema_" + name])
         for name, o in self.optimizers.items():
             o.load_state_dict(state[name])
             for group in o.param_groups:

@@ -70,7 +70,7 @@ def run_steps(device, dtype=torch.float32, amp="none", compile_mode=None, tf32=F
     opt = cyclegan.get_parser().parse_args(["--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1",
                                             "--amp", amp] + (["--compile", compile_mode] if compile_mode else []))
     torch.manual_seed(0)
-    nets = cyclegan.build_networks(opt, torch.device("cpu"))  # drawn on the CPU: the same weights everywhere
+    nets, _ = cyclegan.build_networks(opt, torch.device("cpu"))  # drawn on the CPU: the same weights everywhere
     nets = {name: net.to(device, dtype) for name, net in nets.items()}
     optimizers, _ = cyclegan.build_optimizers(opt, nets, device)
     buffers = {"fake_A": utils.ReplayBuffer(1, seed=1), "fake_B": utils.ReplayBuffer(1, seed=2)}

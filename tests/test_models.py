@@ -21,6 +21,7 @@ from models import (
     build_generator,
     clean_state_dict,
     generator_config,
+    receptive_field_for,
     weights_init_normal,
 )
 
@@ -222,9 +223,10 @@ def test_discriminator_has_the_seed_keys_and_shapes_for_both_receptive_fields(re
     assert layout(Discriminator((3, 256, 256), receptive_field)) == expected
 
 
-def test_discriminator_rejects_receptive_fields_other_than_70_and_94():
-    with pytest.raises(ValueError):
-        Discriminator((3, 256, 256), 34)
+def test_discriminator_rejects_receptive_fields_it_cannot_build():
+    for receptive_field in (50, 0, "auto"):  # ("auto" is cyclegan.py's to resolve, from the crop)
+        with pytest.raises(ValueError):
+            Discriminator((3, 256, 256), receptive_field)
 
 
 # -----------------------------------------------------------------------------
@@ -255,6 +257,68 @@ def test_discriminator_70_matches_functional_paper_patchgan():
     y = run(D, x)
     assert y.shape == (1, *D.output_shape) == (1, 1, 10, 8)
     torch.testing.assert_close(y, patchgan70_reference_forward(D.state_dict(), x))
+
+
+def official_patchgan_reference_forward(sd, x, n_layers):
+    """The official NLayerDiscriminator with instance norm: C64, then n_layers - 1 stride-2
+    convs and one stride-1 conv, each of twice the width (at most 512), then a 1-channel
+    conv; all 4x4 with zero padding 1. Functional, over the weights in key order."""
+    weights = [k[:-len(".weight")] for k in sd if k.endswith(".weight")]
+    assert len(weights) == n_layers + 2
+    h = F.leaky_relu(F.conv2d(x, sd[weights[0] + ".weight"], sd[weights[0] + ".bias"], stride=2, padding=1), 0.2)
+    for k, key in enumerate(weights[1:-1], start=1):
+        h = F.conv2d(h, sd[f"{key}.weight"], sd[f"{key}.bias"], stride=2 if k < n_layers else 1, padding=1)
+        assert h.shape[1] == 64 * min(2 ** k, 8)
+        h = F.leaky_relu(F.instance_norm(h, eps=1e-5), 0.2)
+    return F.conv2d(h, sd[weights[-1] + ".weight"], sd[weights[-1] + ".bias"], padding=1)
+
+
+@pytest.mark.parametrize("receptive_field, n_layers", [(70, 3), (34, 2), (16, 1)])
+def test_small_discriminators_are_the_official_patchgan_with_fewer_layers(receptive_field, n_layers):
+    D = seeded(lambda: Discriminator((3, 64, 48), receptive_field))
+    x = rand_input(1, 3, 64, 48)
+    torch.testing.assert_close(run(D, x), official_patchgan_reference_forward(D.state_dict(), x, n_layers))
+
+
+def test_auto_receptive_field_is_the_one_closest_to_the_papers_share_of_the_crop():
+    for h, w in [(64, 64), (128, 128), (256, 256), (32, 48), (512, 256), (96, 96)]:
+        shares = {rf: abs(rf / min(h, w) - 70 / 256) for rf in (16, 34, 70)}
+        assert receptive_field_for(h, w) == min(shares, key=shares.get)
+    assert (receptive_field_for(64, 64), receptive_field_for(256, 256)) == (16, 70)
+
+
+# -----------------------------------------------------------------------------
+# 2b. Levers for small budgets: the generator's width and its identity start
+
+def test_generator_width_scales_every_layer_and_loads_back_at_its_width():
+    G = seeded(lambda: GeneratorResNet((3, 32, 32), 2, ngf=16))
+    widths = {k: v[0] for k, v in layout(G).items() if k.endswith(".weight")}
+    assert widths["model.1.weight"] == 16 and widths["model.4.weight"] == 32 and widths["model.7.weight"] == 64
+    assert all(w == 64 for k, w in widths.items() if ".block." in k)
+    assert (widths["model.13.weight"], widths["model.17.weight"], widths["model.21.weight"]) == (32, 16, 3)
+    loaded = build_generator(G.state_dict())
+    x = rand_input(1, 3, 32, 32)
+    torch.testing.assert_close(run(loaded, x), run(G, x), rtol=0, atol=0)
+
+
+def test_identity_start_generator_is_exactly_the_identity_before_training_and_adds_its_output_after():
+    G = seeded(lambda: GeneratorResNet((3, 32, 32), 2, ngf=16, identity_start=True))
+    G.apply(weights_init_normal)
+    x = rand_input(2, 3, 32, 28)
+    assert not torch.equal(run(G, x), x)  # the seed's init alone is not the identity...
+    G.start_as_identity()
+    assert torch.equal(run(G, x), x)  # ...the zeroed last layer with the global skip is
+    # after training has moved the last layer: the input plus the network's (untanhed) output
+    with torch.no_grad():
+        G.model[-2].weight.normal_(0, 0.02)
+    body = torch.nn.Sequential(*list(G.model)[:-1])  # everything up to the last conv, no tanh
+    torch.testing.assert_close(run(G, x), x + run(body, x), rtol=0, atol=0)
+    # the same keys as the seed's generator, plus the marker, so that loading rebuilds the skip
+    plain = GeneratorResNet((3, 32, 32), 2, ngf=16)
+    assert set(G.state_dict()) - set(plain.state_dict()) == {"global_skip"}
+    loaded = build_generator(G.state_dict())
+    assert loaded.identity_start and not build_generator(plain.state_dict()).identity_start
+    torch.testing.assert_close(run(loaded, x), run(G, x), rtol=0, atol=0)
 
 
 # -----------------------------------------------------------------------------
@@ -307,6 +371,8 @@ def test_generator_output_is_input_size_rounded_up_to_multiple_of_4(kind, size, 
     (94, (67, 91), (4, 5)),
     (70, (256, 256), (30, 30)),
     (70, (128, 64), (14, 6)),
+    (34, (64, 64), (14, 14)),
+    (16, (64, 32), (30, 14)),
 ])
 def test_discriminator_output_shape_attribute_matches_actual_output(receptive_field, size, out):
     D = seeded(lambda: Discriminator((3, *size), receptive_field))
@@ -340,7 +406,7 @@ def empirical_receptive_field(D, size=128):
     return h, w
 
 
-@pytest.mark.parametrize("receptive_field", [70, 94])
+@pytest.mark.parametrize("receptive_field", [70, 94, 34, 16])
 def test_discriminator_empirical_receptive_field_is_its_name(receptive_field):
     D = Discriminator((3, 128, 128), receptive_field)
     assert empirical_receptive_field(D) == (receptive_field, receptive_field)

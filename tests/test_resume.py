@@ -235,6 +235,41 @@ def test_mid_epoch_resume_with_batch_size_2_is_bitwise_identical_and_logs_each_i
     assert logged_iterations(cwd) == list(range(12))
 
 
+# Every lever of README "Quality" on, and a budget that ends inside the third epoch: the
+# moving averages, DiffAugment's draws and the per-iteration schedule must all resume exactly.
+LEVERS_ITERS = 11
+LEVERS = [*BASE[:BASE.index("--n_epochs")], *BASE[BASE.index("--sample_interval"):], "--n_cpu", "0",
+          "--ngf", "16", "--identity_start", "--ema", "0.9", "--diffaug", "color,translation,cutout",
+          "--d_receptive_field", "auto", "--budget", str(LEVERS_ITERS), "--warmup", "0.2", "--decay_fraction", "0.5"]
+
+
+def test_sigkill_then_resume_with_every_lever_on_is_bitwise_identical(tmp_path):
+    ref, cwd = str(tmp_path / "ref"), str(tmp_path / "run")
+    make_data(data_root(ref))
+    copy_data(ref, cwd)
+    k = kill_iteration("sigkill-levers", 3, 7)
+    proc = start(cwd, "killed", *LEVERS, "--log_interval", "1", "--save_latest_interval", "2")
+    wait_for_iteration(proc, cwd, "killed", k)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    saved = load(os.path.join(cwd, "saved_models", "tiny", "last.pt"))
+    assert 0 < position(saved) < LEVERS_ITERS, "killed after the end; nothing was tested"
+    assert {"ema_G_AB", "ema_G_BA"} <= set(saved) and saved["args"]["budget_iters"] == LEVERS_ITERS
+    r = run(cwd, "--dataset_name", "tiny", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert run(ref, *LEVERS).returncode == 0  # the uninterrupted run
+    mine, theirs = (os.path.join(d, "saved_models", "tiny") for d in (cwd, ref))
+    pth = sorted(f for f in os.listdir(theirs) if f.endswith(".pth"))
+    assert pth == sorted(f for f in os.listdir(mine) if f.endswith(".pth")) and "G_AB_3.pth" in pth
+    for f in pth:
+        assert_bitwise_equal(load(os.path.join(mine, f)), load(os.path.join(theirs, f)), f)
+    a, b = load(os.path.join(mine, "last.pt")), load(os.path.join(theirs, "last.pt"))
+    assert (a["epoch"], a["batch"]) == (3, 0)
+    a.pop("args"), b.pop("args")
+    assert_bitwise_equal(a, b, "last.pt")
+    assert logged_iterations(cwd) == list(range(LEVERS_ITERS))
+
+
 @pytest.mark.parametrize("sig,n_cpu,to_group", [
     ("SIGTERM", 0, False),
     ("SIGTERM", 2, True),  # to every process, loader workers too, as `kill -TERM -<pgid>`, SLURM, systemd do

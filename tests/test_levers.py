@@ -1,0 +1,232 @@
+"""The levers for short runs and small images (README, "Quality"), each checked for its
+math against an independent computation: the moving average of the generators' weights,
+DiffAugment, the learning-rate schedule of --budget and --budget itself, and what a run
+with them writes. (The identity start, the generator's width and the smaller
+discriminators are checked in test_models.py; exact resume with every lever on in
+test_resume.py.) With every lever off the seed's behaviour is what the equivalence and
+seed-compatibility tests check, unchanged."""
+import os
+
+import pytest
+import torch
+
+import cyclegan
+import models
+import utils
+from conftest import fp32, make_data, make_buffers, make_nets, make_opts, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "cyclegan.py")
+TINY = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1", "--ngf", "8",
+        "--n_cpu", "0", "--seed", "3", "--sample_interval", "1000"]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# EMA of the generators' weights
+
+def test_ema_update_is_the_closed_form_of_its_recursion():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2).double()
+    ema = torch.nn.Linear(3, 2).double()
+    e0 = [p.detach().clone() for p in ema.parameters()]
+    decay = 0.9
+    # fixed weights: after k updates the average is decay^k e0 + (1 - decay^k) w
+    for _ in range(7):
+        utils.update_ema({"G": ema}, {"G": net}, decay)
+    for e, start, w in zip(ema.parameters(), e0, net.parameters()):
+        torch.testing.assert_close(e, decay ** 7 * start + (1 - decay ** 7) * w, rtol=1e-12, atol=1e-12)
+    # moving weights: sum_k (1 - decay) decay^(n-1-k) w_k + decay^n e_0
+    e_start = [p.detach().clone() for p in ema.parameters()]
+    history = []
+    for k in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * (k + 1))
+        history.append([p.detach().clone() for p in net.parameters()])
+        utils.update_ema({"G": ema}, {"G": net}, decay)
+    for j, e in enumerate(ema.parameters()):
+        expected = decay ** 5 * e_start[j] + sum((1 - decay) * decay ** (4 - k) * history[k][j] for k in range(5))
+        torch.testing.assert_close(e, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_run_with_ema_publishes_the_average_and_keeps_both_in_last_pt(tmp_path, capsys):
+    make_data(tmp_path / "data" / "tiny", n_test=2)
+    r = run_cli(SCRIPT, *fp32([*TINY, "--n_epochs", "1", "--decay_epoch", "0", "--ema", "0.5"]), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    models_dir = tmp_path / "saved_models" / "tiny"
+    last = load(models_dir / "last.pt")
+    for g in ("G_AB", "G_BA"):
+        published = load(models_dir / f"{g}_1.pth")
+        assert set(published) == set(last["ema_" + g]) == set(last[g])
+        assert all(torch.equal(published[k], last["ema_" + g][k]) for k in published)
+        assert not all(torch.equal(published[k], last[g][k]) for k in published)  # the raw weights differ
+    assert all(torch.equal(v, last["D_A"][k]) for k, v in load(models_dir / "D_A_1.pth").items())  # D is not averaged
+
+    # test.py, given last.pt, uses the average too, and says so
+    G = models.load_generator(str(models_dir / "last.pt"), "G_AB")
+    assert "moving average" in capsys.readouterr().err
+    assert all(torch.equal(v, last["ema_G_AB"][k]) for k, v in G.state_dict().items())
+
+
+# -----------------------------------------------------------------------------
+# DiffAugment
+
+def shifted(x, dy, dx):
+    """x moved by (dy, dx) with zeros shifted in: out[i, j] = x[i + dy, j + dx] where inside."""
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    for i in range(h):
+        for j in range(w):
+            if 0 <= i + dy < h and 0 <= j + dx < w:
+                out[..., i, j] = x[..., i + dy, j + dx]
+    return out
+
+
+@pytest.mark.parametrize("policy", ["color", "translation", "cutout", "color,translation,cutout"])
+def test_diffaugment_gives_real_and_fake_image_k_the_same_draw(policy):
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 16, 12) * 2 - 1
+    y = cyclegan.diff_augment(torch.cat([x, x]), policy, pairs=2)
+    assert torch.equal(y[:3], y[3:])
+    assert not torch.equal(y[:3], x)
+    # and different images of a batch get different draws
+    z = cyclegan.diff_augment(torch.cat([x[:1]] * 3), policy)
+    assert not (torch.equal(z[0], z[1]) and torch.equal(z[1], z[2]))
+
+
+def test_diffaugment_translation_is_a_shift_of_at_most_an_eighth_with_zeros_shifted_in():
+    torch.manual_seed(1)
+    x = torch.rand(6, 3, 16, 16) + 0.5  # no zeros of its own
+    y = cyclegan.diff_augment(x, "translation")
+    for k in range(6):
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(shifted(x[k], dy, dx), y[k])]
+        assert len(matches) == 1, k
+
+
+def test_diffaugment_cutout_zeroes_one_square_of_half_the_size_at_most():
+    torch.manual_seed(2)
+    x = torch.rand(8, 3, 16, 16) + 0.5
+    y = cyclegan.diff_augment(x, "cutout")
+    for k in range(8):
+        zero = (y[k] == 0).all(0)
+        assert torch.equal(y[k][:, ~zero], x[k][:, ~zero])  # the rest is untouched
+        rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+        assert 0 < len(rows) <= 8 and 0 < len(cols) <= 8 and int(zero.sum()) == len(rows) * len(cols)  # one rectangle
+        assert (len(rows) == 8 or rows.min() == 0 or rows.max() == 15) and (len(cols) == 8 or cols.min() == 0 or cols.max() == 15)
+
+
+def test_diffaugment_color_is_the_papers_brightness_saturation_contrast():
+    torch.manual_seed(3)
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    torch.manual_seed(5)
+    y = cyclegan.diff_augment(x, "color")
+    torch.manual_seed(5)  # the same draws, in the paper code's order
+    b, s, c = (torch.rand(4, 1, 1, 1, dtype=torch.float64) for _ in range(3))
+    e = x + (b - 0.5)
+    e = (e - e.mean(1, keepdim=True)) * (2 * s) + e.mean(1, keepdim=True)
+    e = (e - e.mean([1, 2, 3], keepdim=True)) * (c + 0.5) + e.mean([1, 2, 3], keepdim=True)
+    torch.testing.assert_close(y, e, rtol=1e-12, atol=1e-12)
+
+
+def test_diffaugment_lets_gradients_through_to_the_generator():
+    x = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    cyclegan.diff_augment(x, "color,translation,cutout").sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_train_step_shows_the_discriminators_only_augmented_images():
+    """With cutout, every image either D sees (the G step's fakes and the D step's reals and
+    fakes) has a zeroed square; uniform random images in (0, 1] never have one."""
+    torch.manual_seed(0)
+    nets = make_nets()
+    seen = []
+    for name in ("D_A", "D_B"):
+        nets[name].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    real_A, real_B = 1 - torch.rand(2, 3, 32, 32), 1 - torch.rand(2, 3, 32, 32)
+    cyclegan.train_step(real_A, real_B, nets, make_opts(nets), make_buffers(), diffaug="cutout")
+    assert len(seen) == 4 and [len(x) for x in seen] == [2, 2, 4, 4]  # G step: D_B, D_A on fakes; D step: real+fake
+    for batch in seen:
+        assert all(bool((img == 0).all(0).any()) for img in batch)
+    cyclegan.train_step(real_A, real_B, nets, make_opts(nets), make_buffers(), diffaug="")
+    plain = seen[4:]  # (the hooks are still on) without --diffaug the real images reach D untouched
+    assert torch.equal(plain[2][:2], real_A) and torch.equal(plain[3][:2], real_B)
+
+
+# -----------------------------------------------------------------------------
+# --budget and its learning-rate schedule
+
+def test_budget_schedule_warms_up_holds_and_decays_linearly_to_zero():
+    total, lr = 20, 1.0
+    f = utils.BudgetLR(total, warmup=0.1, decay=0.5).step
+    expected = [min(1.0, (k + 1) / 2, (total - k) / 10) for k in range(total)]
+    assert [f(k) for k in range(total)] == pytest.approx(expected)
+    assert f(0) == 0.5 and f(1) == 1.0 and f(9) == 1.0 and f(10) == 1.0 and f(19) == pytest.approx(0.1)
+    assert [utils.BudgetLR(8, 0, 0).step(k) for k in range(8)] == [1.0] * 8  # no decay: constant
+    # as the optimizers see it, stepped once per iteration
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    seen = []
+    for _ in range(total):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text, parsed", [("90s", ("seconds", 90)), ("45min", ("seconds", 2700)), ("1.5h", ("seconds", 5400)),
+                                          ("2m", ("seconds", 120)), ("5000", ("iterations", 5000))])
+def test_budget_reads_times_and_iteration_counts(text, parsed):
+    assert utils.parse_budget(text) == parsed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "ten"], "--budget 'ten' is neither a time"),
+    (["--budget", "2.5"], "whole number of iterations"),
+    (["--budget", "100", "--n_epochs", "3"], "leave out --n_epochs"),
+    (["--budget", "100", "--warmup", "0.6", "--decay_fraction", "0.5"], "overlap"),
+    (["--diffaug", "color,zoom"], "--diffaug: unknown policy zoom"),
+    (["--ema", "1"], "--ema must be in [0, 1)"),
+    (["--ngf", "0"], "--ngf must be at least 1"),
+])
+def test_bad_lever_flags_give_one_line(tmp_path, main_in_process, args, message):
+    code, _, err = main_in_process(tmp_path, *TINY, *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def logged(models_dir):
+    with open(models_dir / "log.csv") as f:
+        return [int(line.split(",")[2]) for line in f.read().splitlines()[1:]]
+
+
+def test_an_iteration_budget_ends_mid_epoch_with_the_final_saves_and_the_lr_at_zero(tmp_path):
+    make_data(tmp_path / "data" / "tiny", n_test=1)  # 4 batches per epoch: 7 iterations end inside epoch 1
+    r = run_cli(SCRIPT, *fp32([*TINY, "--budget", "7", "--decay_fraction", "0.5", "--log_interval", "1"]), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    models_dir = tmp_path / "saved_models" / "tiny"
+    assert logged(models_dir) == list(range(7))
+    last = load(models_dir / "last.pt")
+    assert (last["epoch"], last["batch"]) == (2, 0) and last["args"]["budget_iters"] == 7 and last["args"]["n_epochs"] == 2
+    assert {f"{n}_2.pth" for n in ("G_AB", "G_BA", "D_A", "D_B")} <= set(os.listdir(models_dir))
+    # the schedule stepped once per iteration: after 7 of 7 the rate has reached 0
+    assert last["optimizer_G"]["param_groups"][0]["lr"] == pytest.approx(0.0)
+    with open(models_dir / "log.csv") as f:
+        header, *rows = [line.split(",") for line in f.read().splitlines()]
+    lrs = [float(row[header.index("lr")]) for row in rows]
+    assert lrs == pytest.approx([2e-4 * min(1.0, (7 - k) / round(0.5 * 7)) for k in range(7)])
+
+
+def test_a_time_budget_is_turned_into_iterations_once_and_recorded(tmp_path):
+    make_data(tmp_path / "data" / "tiny", n_test=1)
+    r = run_cli(SCRIPT, *fp32([*TINY, "--budget", "4s", "--log_interval", "1"]), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "--budget 4s:" in r.stdout and "s per iteration" in r.stdout
+    models_dir = tmp_path / "saved_models" / "tiny"
+    last = load(models_dir / "last.pt")
+    total = last["args"]["budget_iters"]
+    assert total >= 1 and f": {total} iterations" in r.stdout
+    assert logged(models_dir) == list(range(total))
+    assert last["epoch"] * 4 + last["batch"] == 4 * last["args"]["n_epochs"]
