@@ -450,24 +450,28 @@ def n_evaluations(opt, iterations, n_batches):
     return epochs // opt.eval_interval + (epochs % opt.eval_interval != 0)
 
 
-def measure_costs(opt, dataset, device, autocast, scaler, evaluator, steps=8):
-    """Seconds per training iteration (loading its batch included) and per evaluation here,
-    measured on throwaway networks; every RNG is put back, so the run itself is the same
-    whether or not it measured first."""
+def measure_costs(opt, dataset, device, autocast, scaler, evaluator, seconds):
+    """Seconds per training iteration (loading its batch and the EMA update included) and per
+    evaluation here, measured on throwaway networks for about `seconds` (at least 8 steps
+    after 2 of warm-up: a few seconds' figure runs fast, long runs settle slower); every
+    RNG is put back, so the run itself is the same whether or not it measured first."""
     saved_rng = rng_state()
     try:
-        nets, _ = build_networks(opt, device)
+        nets, ema = build_networks(opt, device)
         optimizers, _ = build_optimizers(argparse.Namespace(**{**vars(opt), "budget": None}), nets, device)
         buffers = {"fake_A": ReplayBuffer(opt.pool_size, seed=0), "fake_B": ReplayBuffer(opt.pool_size, seed=1)}
         step_nets = networks_for_step(nets, opt, device, SimpleNamespace(ddp=False))
-        times = []
-        for k in range(steps + 2):  # the first two warm up (allocations, compilation)
+        times, k = [], 0
+        while k < 10 or sum(times[2:]) < seconds:  # the first two warm up (allocations, compilation)
             t0 = time.perf_counter()
             batch = default_collate([dataset[(k * opt.batch_size + j) % len(dataset)] for j in range(opt.batch_size)])
             train_step(batch["A"].to(device), batch["B"].to(device), step_nets, optimizers, buffers,
                        opt.lambda_cyc, opt.lambda_id, autocast, scaler, opt.diffaug)["loss_G"].item()
+            if ema:
+                update_ema(ema, nets, opt.ema)
             times.append(time.perf_counter() - t0)
-        step_s = sorted(times[2:])[len(times[2:]) // 2]  # the median: robust to a slow outlier
+            k += 1
+        step_s = sum(times[2:]) / len(times[2:])
         eval_s = 0.0
         if evaluator is not None:
             # the first evaluation also takes the real test images' features, which later ones
@@ -489,7 +493,7 @@ def fit_budget(opt, dataset, n_batches, device, autocast, scaler, evaluator, pro
     if kind == "iterations":
         total = amount
     else:
-        step_s, eval_s = measure_costs(opt, dataset, device, autocast, scaler, evaluator)
+        step_s, eval_s = measure_costs(opt, dataset, device, autocast, scaler, evaluator, seconds=min(60, 0.02 * amount))
         left = amount - (time.time() - started)
         total = max(0, int(left / step_s))
         for _ in range(5):  # evaluations take time from iterations, and fewer iterations may need fewer evaluations
