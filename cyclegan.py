@@ -717,8 +717,9 @@ def end_of_epoch(training, report, model_dir, n_batches, device, procs):
         save_epoch_weights(training.published(), model_dir, done)
     if opt.eval_interval > 0 and (done == opt.n_epochs or every(opt.eval_interval, done)):
         if procs.master:
-            results = evaluate_generators(report.evaluator, training.published(), device)
-            record_evaluation(results, done, last_iteration, training.published(), model_dir, training.best_fid, report.writer)
+            published = training.published()
+            results = evaluate_generators(report.evaluator, published, device)
+            record_evaluation(results, done, last_iteration, published, model_dir, training.best_fid, report.writer)
         save_last(training, report, model_dir, last_iteration, procs)
     if procs.master:
         report.page.update(replot=True)
