@@ -6,6 +6,7 @@ and train_step on random images, with nothing else (no data loading, logging or 
     python bench.py --img_size 256 --amp bf16 --channels_last --compile
     python bench.py --amp none --profile              # and the top operators of one step
     python bench.py --amp none --rows default,bf16,bf16+channels_last,compile   # compare, with ratios
+    python bench.py --img_size 64 --ngf 32 --n_residual_blocks 6 --d_receptive_field auto   # the Quality recipe's step
 
 It warms up (torch.compile compiles there), then times --iters steps, synchronising the
 device around each, and prints their median (s/it), images/s and peak memory: on CUDA
@@ -45,6 +46,8 @@ def get_parser():
     p.add_argument("--img_size", type=int, default=128, help="height and width of the random training images")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--n_residual_blocks", type=int, default=9)
+    p.add_argument("--ngf", type=int, default=64, help="as cyclegan.py's --ngf")
+    p.add_argument("--d_receptive_field", default="94", choices=("94", "70", "34", "16", "auto"), help="as cyclegan.py's")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="as cyclegan.py's --amp")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "reduce-overhead"),
@@ -60,7 +63,7 @@ def get_parser():
 
 
 def check_flags(opt):
-    for flag in ("img_size", "batch_size", "n_residual_blocks", "iters"):
+    for flag in ("img_size", "batch_size", "n_residual_blocks", "ngf", "iters"):
         if getattr(opt, flag) < 1:
             die(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
     if opt.img_size % 4:
@@ -104,6 +107,8 @@ def build_step(opt, device):
     train_opt = cyclegan.get_parser().parse_args([])  # cyclegan.py's defaults: lr, betas, losses, pool size
     train_opt.img_height = train_opt.img_width = opt.img_size
     train_opt.n_residual_blocks, train_opt.amp, train_opt.compile = opt.n_residual_blocks, opt.amp, opt.compile
+    train_opt.ngf = opt.ngf
+    train_opt.d_receptive_field = opt.d_receptive_field if opt.d_receptive_field == "auto" else int(opt.d_receptive_field)
     procs = SimpleNamespace(ddp=False, master=True)  # one process, which prints
     torch.manual_seed(0)
     nets, _ = cyclegan.build_networks(train_opt, device)
@@ -145,7 +150,7 @@ def profile_step(step, device, top=15):
 
 def bench(opt, device):
     """Times one configuration and prints its result line (the one `--rows` reads)."""
-    print(f"bench: {opt.img_size}x{opt.img_size}, {opt.n_residual_blocks} residual blocks, batch {opt.batch_size}, "
+    print(f"bench: {opt.img_size}x{opt.img_size}, {opt.n_residual_blocks} residual blocks, ngf {opt.ngf}, D {opt.d_receptive_field}, batch {opt.batch_size}, "
           f"{device}, {precision_label(opt.amp, device)}, {f'compiled ({opt.compile})' if opt.compile else 'eager'}, "
           f"{'channels_last' if opt.channels_last else 'NCHW'}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     step = build_step(opt, device)
@@ -170,6 +175,7 @@ def bench(opt, device):
 def row_argv(opt, row):
     """This command for one row: the flags given, with the row's options in place of the default's."""
     argv = [f"--img_size={opt.img_size}", f"--batch_size={opt.batch_size}", f"--n_residual_blocks={opt.n_residual_blocks}",
+            f"--ngf={opt.ngf}", f"--d_receptive_field={opt.d_receptive_field}",
             f"--device={opt.device}", f"--iters={opt.iters}", f"--warmup={opt.warmup}"] + (["--profile"] if opt.profile else [])
     options = [] if row == "default" else row.split("+")
     amp = next((ROW_OPTIONS[o][1] for o in options if o in ("fp32", "bf16", "fp16")), opt.amp)
@@ -197,7 +203,8 @@ def compare(opt, device):
         print(f"\n{'row':28s} {'precision':18s} {'s/it':>9s} {'images/s':>9s} {'speed-up':>8s} {memory:>24s}")
         for row, precision, s_it, img_s, peak in results:
             print(f"{row:28s} {precision:18s} {s_it:9.4g} {img_s:9.4g} {results[0][2] / s_it:7.2f}x {peak:24.0f}")
-        print(f"({opt.img_size}x{opt.img_size}, {opt.n_residual_blocks} residual blocks, batch {opt.batch_size}, {device}; "
+        print(f"({opt.img_size}x{opt.img_size}, {opt.n_residual_blocks} residual blocks, ngf {opt.ngf}, D {opt.d_receptive_field}, "
+              f"batch {opt.batch_size}, {device}; "
               f"median of {opt.iters} steps; speed-up against {results[0][0]})")
     if failed:
         print(f"failed rows: {', '.join(failed)}")

@@ -36,7 +36,7 @@ from report import (LOSS_NAMES, ResultsPage, TrainingLog, build_evaluator, evalu
                     record_evaluation, sample_images, tensorboard_writer)
 from synthetic import BUILTIN_DATASET, make_day2night
 from utils import (BudgetLR, LambdaLR, ReplayBuffer, StopSignal, TrainingState, add_device_args, autocast_context, check_finite_weights,
-                   check_writable, choose_precision, clean_killed_saves, die, load_checkpoint, parse_budget, pick_device, precision_name,
+                   check_writable, choose_precision, clean_killed_saves, die, ema_decay, load_checkpoint, parse_budget, pick_device, precision_name,
                    rng_state, save_atomic, set_rng_state, update_ema)
 
 # Flags that may differ between a run and its --resume: they change neither the model, nor
@@ -80,7 +80,8 @@ def get_parser():
                    help="generators add their output to the input (a global skip) and start as the identity")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="keep a moving average of the generators' weights (e.g. 0.999), which is what is saved as "
-                        "G_*.pth, evaluated and sampled; last.pt keeps both; 0: off")
+                        "G_*.pth, evaluated and sampled; last.pt keeps both; its first steps average over fewer "
+                        "(min(DECAY, (1+t)/(10+t))); 0: off")
     p.add_argument("--diffaug", type=str, default="", metavar="POLICY",
                    help="DiffAugment of every discriminator input, real and fake alike: a comma-separated list of "
                         f"{', '.join(DIFFAUG_POLICIES)}; empty: off")
@@ -468,7 +469,7 @@ def measure_costs(opt, dataset, device, autocast, scaler, evaluator, seconds):
             train_step(batch["A"].to(device), batch["B"].to(device), step_nets, optimizers, buffers,
                        opt.lambda_cyc, opt.lambda_id, autocast, scaler, opt.diffaug)["loss_G"].item()
             if ema:
-                update_ema(ema, nets, opt.ema)
+                update_ema(ema, nets, ema_decay(opt.ema, k))
             times.append(time.perf_counter() - t0)
             k += 1
         step_s = sum(times[2:]) / len(times[2:])
@@ -782,7 +783,7 @@ def main(argv=None):
             losses = train_step(real_A, real_B, step_nets, optimizers, buffers, opt.lambda_cyc, opt.lambda_id, autocast, scaler,
                                 opt.diffaug)
             if ema:
-                update_ema(ema, nets, opt.ema)
+                update_ema(ema, nets, ema_decay(opt.ema, iteration))
             if opt.budget is not None:
                 for scheduler in schedulers.values():
                     scheduler.step()

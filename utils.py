@@ -119,6 +119,15 @@ def parse_budget(text):
     return "seconds", value * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[unit]
 
 
+def ema_decay(decay, iteration):
+    """The decay of the average's update after `iteration` (0-based) steps: `decay`, held lower
+    at first, min(decay, (1 + t) / (10 + t)) as TensorFlow's ExponentialMovingAverage with
+    num_updates, so that a short run's average is not mostly its random (or identity) start:
+    with 0.999 alone, 700 steps leave half the weight on the start; with the warm-up the
+    average spans about the last ninth of the run until DECAY takes over (step 9000 for 0.999)."""
+    return min(decay, (1 + iteration) / (10 + iteration))
+
+
 @torch.no_grad()
 def update_ema(ema, nets, decay):
     """ema <- decay * ema + (1 - decay) * weights, for each generator in `ema` ({name: copy})."""

@@ -21,7 +21,7 @@ TINY = ["--img_size", "32", "--n_residual_blocks", "1", "--iters", "2", "--warmu
 def test_one_configuration_prints_its_median_and_the_profilers_top_operators(capsys):
     bench.main([*TINY, "--amp", "none", "--profile"])
     out = capsys.readouterr().out
-    assert out.startswith("bench: 32x32, 1 residual blocks, batch 1, cpu, fp32, eager, NCHW")
+    assert out.startswith("bench: 32x32, 1 residual blocks, ngf 64, D 94, batch 1, cpu, fp32, eager, NCHW")
     steps = [float(t) for t in re.search(r"^steps \(s\): (.*)$", out, re.M).group(1).split()]
     m = re.search(r"^median (\S+) s/it, (\S+) images/s, peak memory (\S+) MiB", out, re.M)
     s_it, img_s, peak = map(float, m.groups())
@@ -33,14 +33,24 @@ def test_one_configuration_prints_its_median_and_the_profilers_top_operators(cap
     assert "aten::convolution_backward" in table and "aten::" in table.split("\n", 3)[3]
 
 
+def test_the_step_timed_is_that_of_the_generator_and_discriminator_flags_given(monkeypatch):
+    nets, build = {}, bench.cyclegan.build_networks
+    monkeypatch.setattr(bench.cyclegan, "build_networks", lambda *a: (nets.update(build(*a)[0]) or nets, {}))
+    opt = bench.get_parser().parse_args([*TINY, "--amp", "none", "--ngf", "8", "--d_receptive_field", "auto"])
+    bench.build_step(opt, torch.device("cpu"))()
+    # ngf 8: the first convolution's 8 filters; 32x32 and auto: the 16x16 PatchGAN, one stride-2 layer
+    assert nets["G_AB"].model[1].weight.shape[0] == 8
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in nets["D_A"].modules()) == 1
+
+
 def test_rows_each_run_in_their_own_process_and_the_table_gives_speeds_and_ratios():
     r = run_cli("bench.py", *TINY, "--amp", "none", "--rows", "default,fp32+channels_last,fp16")
     # a row that cannot run (fp16 needs a GPU) says why, and the others still make the table
     assert r.returncode == 1, r.stdout + r.stderr
     assert "error: --amp fp16 needs a GPU" in r.stdout and r.stdout.endswith("\nfailed rows: fp16\n")
     # each row is this command with its options in place of the flags given
-    assert "---- default: bench.py --img_size=32 --batch_size=1 --n_residual_blocks=1 --device=cpu --iters=2 --warmup=0 " \
-           "--amp=none\n" in r.stdout
+    assert "---- default: bench.py --img_size=32 --batch_size=1 --n_residual_blocks=1 --ngf=64 --d_receptive_field=94 " \
+           "--device=cpu --iters=2 --warmup=0 --amp=none\n" in r.stdout
     assert "---- fp32+channels_last: bench.py " in r.stdout and "cpu, fp32, eager, channels_last;" in r.stdout
     lines = r.stdout.splitlines()
     header = next(k for k, line in enumerate(lines) if line.startswith("row ") and "speed-up" in line)
@@ -57,9 +67,10 @@ def test_rows_each_run_in_their_own_process_and_the_table_gives_speeds_and_ratio
 
 
 def test_a_row_replaces_the_flags_given_with_its_own_options():
-    opt = SimpleNamespace(img_size=32, batch_size=2, n_residual_blocks=1, device="cpu", iters=2, warmup=0, profile=False,
-                          amp="none", compile=None, channels_last=False)
+    opt = SimpleNamespace(img_size=32, batch_size=2, n_residual_blocks=1, ngf=8, d_receptive_field="auto", device="cpu",
+                          iters=2, warmup=0, profile=False, amp="none", compile=None, channels_last=False)
     argv, amp = bench.row_argv(opt, "default")
+    assert "--ngf=8" in argv and "--d_receptive_field=auto" in argv
     assert amp == "none" and argv[-1] == "--amp=none" and not [a for a in argv if "compile" in a or "channels" in a]
     argv, amp = bench.row_argv(opt, "bf16+channels_last+compile")
     assert amp == "bf16" and argv[-3:] == ["--amp=bf16", "--compile=default", "--channels_last"]
@@ -78,6 +89,7 @@ def test_the_default_row_is_labelled_with_what_amp_auto_picks(cpu_bf16):
     (["--rows", "bf16+fp16"], "error: --rows: 'bf16+fp16' is not a row"),
     (["--rows", "compile+cudagraphs"], "error: --rows: 'compile+cudagraphs' is not a row"),
     (["--iters", "0"], "error: --iters must be at least 1, got 0"),
+    (["--ngf", "0"], "error: --ngf must be at least 1, got 0"),
     (["--img_size", "30"], "error: --img_size must be a multiple of 4"),
 ])
 def test_bad_flags_are_one_line_naming_the_flag(capsys, args, expected):

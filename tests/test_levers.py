@@ -5,6 +5,7 @@ with them writes. (The identity start, the generator's width and the smaller
 discriminators are checked in test_models.py; exact resume with every lever on in
 test_resume.py.) With every lever off the seed's behaviour is what the equivalence and
 seed-compatibility tests check, unchanged."""
+import math
 import os
 
 import pytest
@@ -51,6 +52,26 @@ def test_ema_update_is_the_closed_form_of_its_recursion():
     for j, e in enumerate(ema.parameters()):
         expected = decay ** 5 * e_start[j] + sum((1 - decay) * decay ** (4 - k) * history[k][j] for k in range(5))
         torch.testing.assert_close(e, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ema_warm_up_leaves_a_short_run_little_of_its_start():
+    # fixed weights w, the decays of steps 0..n-1: the start keeps prod_t min(d, (1+t)/(10+t)),
+    # which while the warm-up holds is 9! n! / (n + 9)!
+    torch.manual_seed(0)
+    net, ema = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()
+    e0 = [p.detach().clone() for p in ema.parameters()]
+    n = 30
+    for t in range(n):
+        utils.update_ema({"G": ema}, {"G": net}, utils.ema_decay(0.999, t))
+    share = math.factorial(9) * math.factorial(n) / math.factorial(n + 9)
+    for e, start, w in zip(ema.parameters(), e0, net.parameters()):
+        torch.testing.assert_close(e, share * start + (1 - share) * w, rtol=1e-12, atol=1e-12)
+    assert utils.ema_decay(0.999, 0) == pytest.approx(0.1) and utils.ema_decay(0.999, 10**6) == 0.999
+    # 700 steps: the warm-up leaves the start next to nothing where 0.999 alone leaves half;
+    # until about step 9000 the average spans the last ninth or so of the run
+    kept = math.prod(utils.ema_decay(0.999, t) for t in range(700))
+    assert kept < 1e-6 and 0.999 ** 700 > 0.4
+    assert utils.ema_decay(0.999, 8000) < 0.999 == utils.ema_decay(0.999, 9000)
 
 
 def test_a_run_with_ema_publishes_the_average_and_keeps_both_in_last_pt(tmp_path, capsys):
