@@ -47,7 +47,8 @@ def get_parser():
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--n_residual_blocks", type=int, default=9)
     p.add_argument("--ngf", type=int, default=64, help="as cyclegan.py's --ngf")
-    p.add_argument("--d_receptive_field", default="94", choices=("94", "70", "34", "16", "auto"), help="as cyclegan.py's")
+    p.add_argument("--d_receptive_field", type=cyclegan.receptive_field_arg, default=94, choices=cyclegan.RECEPTIVE_FIELD_CHOICES,
+                   help="as cyclegan.py's")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="as cyclegan.py's --amp")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "reduce-overhead"),
@@ -107,8 +108,7 @@ def build_step(opt, device):
     train_opt = cyclegan.get_parser().parse_args([])  # cyclegan.py's defaults: lr, betas, losses, pool size
     train_opt.img_height = train_opt.img_width = opt.img_size
     train_opt.n_residual_blocks, train_opt.amp, train_opt.compile = opt.n_residual_blocks, opt.amp, opt.compile
-    train_opt.ngf = opt.ngf
-    train_opt.d_receptive_field = opt.d_receptive_field if opt.d_receptive_field == "auto" else int(opt.d_receptive_field)
+    train_opt.ngf, train_opt.d_receptive_field = opt.ngf, opt.d_receptive_field
     procs = SimpleNamespace(ddp=False, master=True)  # one process, which prints
     torch.manual_seed(0)
     nets, _ = cyclegan.build_networks(train_opt, device)

@@ -48,6 +48,13 @@ RESUME_HARMLESS = {"resume", "sample_interval", "checkpoint_interval", "save_lat
                    "tensorboard", "log_dir", "overwrite"}
 
 
+RECEPTIVE_FIELD_CHOICES = (94, 70, 34, 16, "auto")
+
+
+def receptive_field_arg(text):
+    return text if text == "auto" else int(text)
+
+
 def get_parser():
     p = argparse.ArgumentParser(description="Train CycleGAN.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # the seed's flags keep its names and defaults, so its commands run unchanged
@@ -71,7 +78,7 @@ def get_parser():
     p.add_argument("--lambda_id", type=float, default=5.0, help="identity loss weight")
     p.add_argument("--pool_size", type=int, default=50, help="size of the fake image replay buffers; 0 disables them")
     p.add_argument("--data_root", type=str, default=None, help="dataset folder (default: data/<dataset_name>)")
-    p.add_argument("--d_receptive_field", type=lambda s: s if s == "auto" else int(s), default=94, choices=(94, 70, 34, 16, "auto"),
+    p.add_argument("--d_receptive_field", type=receptive_field_arg, default=94, choices=RECEPTIVE_FIELD_CHOICES,
                    help="discriminator patch size: 94 is the seed's (4th conv stride 2), 70 the paper's PatchGAN, 34 and 16 "
                         "its smaller variants; auto: the one whose share of the crop is closest to the paper's 70/256")
     # levers for short runs and small images (README, "Quality"); their defaults are the seed's
