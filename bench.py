@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import torch
 
 import cyclegan
-from utils import ReplayBuffer, die, pick_device, pick_precision, precision_name
+from utils import ReplayBuffer, die, pick_device, pick_precision, precision_name, print_lines_as_they_come
 
 ROW_OPTIONS = {"fp32": ["--amp", "none"], "bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"],
                "channels_last": ["--channels_last"], "compile": ["--compile", "default"],
@@ -224,4 +224,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    print_lines_as_they_come()
     main()

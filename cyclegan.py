@@ -36,8 +36,8 @@ from report import (LOSS_NAMES, ResultsPage, TrainingLog, build_evaluator, evalu
                     record_evaluation, sample_images, tensorboard_writer)
 from synthetic import BUILTIN_DATASET, make_day2night
 from utils import (BudgetLR, LambdaLR, ReplayBuffer, StopSignal, TrainingState, add_device_args, autocast_context, check_finite_weights,
-                   check_writable, choose_precision, clean_killed_saves, die, ema_decay, load_checkpoint, parse_budget, pick_device, precision_name,
-                   rng_state, save_atomic, set_rng_state, update_ema)
+                   check_writable, choose_precision, clean_killed_saves, die, ema_decay, hold_run_folder, load_checkpoint, parse_budget,
+                   pick_device, precision_name, print_lines_as_they_come, rng_state, save_atomic, set_rng_state, update_ema)
 
 # Flags that may differ between a run and its --resume: they change neither the model, nor
 # the data order, nor the algorithm. A resumed run is bitwise the run it continues when it
@@ -221,8 +221,6 @@ def parse_args(argv):
         if opt.budget is not None and clash:
             die(f"--budget sets the run's length and learning-rate schedule: leave out {', '.join(clash)}")
         check_flags(opt)
-        if opt.epoch == 0 and not opt.overwrite:
-            refuse_existing_run(opt)
     check_output_folders(opt)
     if opt.seed is None:  # drawn here and recorded in last.pt (under torchrun, rank 0's is used)
         opt.seed = int.from_bytes(os.urandom(4), "little") >> 1
@@ -335,7 +333,7 @@ def build_data(opt, device, procs):
     data_root = opt.data_root or os.path.join("data", opt.dataset_name)
     if opt.dataset_name == BUILTIN_DATASET and procs.local_rank == 0 and not os.path.exists(data_root):
         if procs.master:
-            print(f"generating the built-in dataset in {data_root} ...")
+            print(f"generating the built-in dataset in {data_root} (880 images of 64x64, a few seconds) ...")
         make_day2night(data_root)
     if procs.ddp:  # one process per machine generates it; the others wait for it
         dist.barrier(group=procs.group)
@@ -501,7 +499,12 @@ def fit_budget(opt, dataset, n_batches, device, autocast, scaler, evaluator, pro
     if kind == "iterations":
         total = amount
     else:
-        step_s, eval_s = measure_costs(opt, dataset, device, autocast, scaler, evaluator, seconds=min(60, 0.02 * amount))
+        seconds = min(60, 0.02 * amount)
+        if procs.master:
+            print(f"--budget {opt.budget}: first measuring this machine's speed, about {seconds:.0f} s of training steps"
+                  + (", then one evaluation of both generators (its first also takes the test images' FID features)"
+                     if evaluator is not None else "") + " ...")
+        step_s, eval_s = measure_costs(opt, dataset, device, autocast, scaler, evaluator, seconds)
         left = amount - (time.time() - started)
         total = max(0, int(left / step_s))
         for _ in range(5):  # evaluations take time from iterations, and fewer iterations may need fewer evaluations
@@ -750,6 +753,17 @@ def main(argv=None):
     started = time.time()
     opt, resume_state = parse_args(sys.argv[1:] if argv is None else argv)
     model_dir = os.path.join("saved_models", opt.dataset_name)
+    # the run folder is this run's alone until it ends; under torchrun rank 0 holds it for all
+    with hold_run_folder(model_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        if resume_state is None and opt.epoch == 0 and not opt.overwrite:
+            refuse_existing_run(opt)
+        if os.environ.get("RANK", "0") == "0":
+            start = f"resuming {opt.resume}" if resume_state else f"from epoch {opt.epoch}" if opt.epoch else "a new run"
+            print(f"{model_dir}: {start} (pid {os.getpid()}); setting up the data and the networks")
+        train(opt, resume_state, model_dir, started)
+
+
+def train(opt, resume_state, model_dir, started):
     device, procs = setup_processes(opt)
     dtype, autocast, scaler = setup_precision(opt, device, procs)
     seed_everything(opt.seed)
@@ -767,6 +781,8 @@ def main(argv=None):
     training = TrainingState(opt, nets, optimizers, schedulers, buffers, scaler, device.type, precision_name(dtype), ema)
     restore(opt, resume_state, training, device, procs, model_dir)
     step_nets = networks_for_step(nets, opt, device, procs)
+    if opt.compile and procs.master:
+        print("--compile: the first iterations compile the networks, which can take minutes on a CPU")
 
     stop = StopSignal(f"finishing this batch and saving {model_dir}/last.pt ..." if procs.master else None, procs.group)
     unreadable = UnreadableFiles(dataset)
@@ -816,4 +832,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    print_lines_as_they_come()
     main()

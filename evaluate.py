@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -40,10 +41,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from datasets import list_images, load_image, split_dirs
 from models import generator_channels, load_generator, to_image, to_tensor, translate
-from utils import add_device_args, check_writable, choose_precision, die, first_line, pick_device, write_atomic, write_text_atomic
+from utils import (add_device_args, check_writable, choose_precision, die, first_line, pick_device, print_lines_as_they_come, write_atomic,
+                   write_text_atomic)
 
 
 PROTOCOL = "pytorch-fid: load_image RGB uint8 /255, bilinear 299x299 align_corners=False, 2x-1, FID Inception pool3 2048"
@@ -168,6 +171,19 @@ def folder_images(folder, n=None, flag="folder"):
     return paths
 
 
+def featurise_slowly(paths, net, device, batch_size, folder):
+    """image_features of image files, saying first what it does and, after a batch, how long it
+    will take (a few hundred images take minutes on a CPU); a bar on a terminal."""
+    print(f"FID features of {len(paths)} images in {folder} (once: they are cached for later runs) ...", flush=True)
+    t0, feats = time.time(), []
+    starts = range(0, len(paths), batch_size)
+    for i in tqdm(starts, unit="batch", leave=False, disable=not sys.stderr.isatty()):
+        feats.append(image_features([np.asarray(read_image(p)) for p in paths[i:i + batch_size]], net, device, batch_size))
+        if i == 0 and len(starts) > 1 and not sys.stderr.isatty():
+            print(f"  about {(time.time() - t0) * (len(starts) - 1):.0f} s more", flush=True)
+    return np.concatenate(feats)
+
+
 def default_cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cyclegan", "fid")
 
@@ -190,8 +206,7 @@ def folder_features(folder, net, device, n=None, batch_size=50, cache_dir=None, 
                     return feats, True
             except (OSError, ValueError):
                 pass  # a truncated or foreign file: recompute and overwrite it
-    feats = np.concatenate([image_features([np.asarray(read_image(p)) for p in paths[i:i + batch_size]], net, device, batch_size)
-                            for i in range(0, len(paths), batch_size)])
+    feats = featurise_slowly(paths, net, device, batch_size, folder)
     if cache is not None:
         write_atomic(cache, lambda f: np.save(f, feats), "continuing without caching the features", required=False)
     return feats, False
@@ -418,4 +433,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    print_lines_as_they_come()
     main()

@@ -19,7 +19,7 @@ import torch
 from torch.export import Dim
 
 from models import generator_channels, generator_config, load_generator
-from utils import die, first_line, write_atomic
+from utils import die, first_line, print_lines_as_they_come, write_atomic
 
 # What a caller must do around the network; written into every exported file.
 CONTRACT = {
@@ -150,4 +150,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    print_lines_as_they_come()
     main()

@@ -30,7 +30,7 @@ from evaluate import pixel_errors, psnr
 from models import generator_channels, load_generator, to_image, to_tensor, translate
 from report import write_translations_page
 from tiling import NotEnoughTempSpace, translate_tiled
-from utils import add_device_args, check_writable, choose_precision, die, pick_device, write_atomic
+from utils import add_device_args, check_writable, choose_precision, die, pick_device, print_lines_as_they_come, write_atomic
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 ANIMATION_EXTENSIONS = (".gif", ".webp")  # translated frame by frame when they hold several frames
@@ -437,4 +437,5 @@ def translate_batch(G, batch, opt):
 # The results page: output_dir/index.html, rewritten after each run
 
 if __name__ == "__main__":
+    print_lines_as_they_come()
     main()

@@ -1,8 +1,8 @@
 """
 Small pieces of the training recipe: the fake-image replay buffer, the linear
 learning-rate decay, the atomic, safe checkpoint I/O every script uses, the full
-training state that --resume continues from, the stop signal, and the choice of
-device and precision.
+training state that --resume continues from, the stop signal, the run folder's lock, the
+choice of device and precision, and output that reaches a log file line by line.
 """
 import os
 import pickle
@@ -11,9 +11,16 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import time
 from contextlib import nullcontext
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -235,6 +242,67 @@ def check_writable(folder, flag):
     if not os.access(existing, os.W_OK | os.X_OK):
         die(f"{flag}: cannot write to {folder}: {existing} is not writable (read-only folder or file system); "
             f"choose another folder or make it writable")
+
+
+def hold_run_folder(folder):
+    """An advisory lock (flock) on folder/.lock, held while the returned file is open: two runs
+    started at once with the same name would otherwise both pass the "this folder already holds
+    a run" check and write into one folder. The kernel releases it when the process ends,
+    however it ends, so a crash or SIGKILL leaves no stale lock. Another holder: one line naming
+    it. (Data-loading workers share it, being forks: a SIGKILLed run's lock goes with its last
+    worker, a few seconds later.)"""
+    if fcntl is None:
+        print(f"note: no fcntl on this platform: nothing stops a second run from writing into {folder} at the same time",
+              file=sys.stderr)
+        return nullcontext()
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_holder(f)
+        f.close()
+        die(f"{folder} is in use by another run ({holder}); wait for it to end, or start this one with "
+            f"another --dataset_name")
+    f.seek(0)
+    f.truncate()
+    command = " ".join(["python"] + [os.path.basename(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0] else "python"
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {command[:200]}\n")
+    f.flush()
+    return f
+
+
+def lock_holder(f):
+    """What the holder of a run folder's lock wrote of itself. It writes just after it locks, so
+    a reader may come in between and see nothing, or the previous holder's words: it looks
+    again for up to a second until it reads a process that is alive."""
+    for _ in range(10):
+        f.seek(0)
+        text = f.read().strip()
+        pid = re.match(r"pid (\d+) on (\S+)", text)
+        if pid and (pid[2] != socket.gethostname() or process_alive(int(pid[1]))):
+            return text
+        time.sleep(0.1)
+    return text or "a process that has not said which"
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def print_lines_as_they_come():
+    """Every line a script prints reaches a file or pipe when it is printed: Python holds back
+    about 8 KB of standard output that is not a terminal, so `nohup python cyclegan.py > log &`
+    would show nothing for minutes."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
 
 
 def clean_killed_saves(folder):

@@ -92,7 +92,8 @@ def test_torchrun_cli_trains_and_only_rank_zero_writes_and_evaluates(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("done: weights in") == 1 and " x 2 process(es)" in r.stdout
     models = tmp_path / "saved_models" / "tiny"
-    expected = ["D_A_2.pth", "D_B_2.pth", "G_AB_2.pth", "G_BA_2.pth", "last.pt", "log.csv"]
+    # (.lock: rank 0 held the folder for the run; the other rank, of the same run, was not refused)
+    expected = [".lock", "D_A_2.pth", "D_B_2.pth", "G_AB_2.pth", "G_BA_2.pth", "last.pt", "log.csv"]
     if fid:
         expected = sorted(expected + ["best_G_AB.pth", "best_G_BA.pth", "eval.csv"])
         assert r.stdout.count("eval after epoch 2") == 1

@@ -5,11 +5,12 @@ import csv
 import importlib.util
 import os
 import re
+import subprocess
 
 import pytest
 import torch
 
-from conftest import fp32, run_cli
+from conftest import fp32, run_cli, start_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -148,3 +149,28 @@ def test_eval_interval_with_missing_inception_weights_is_one_line_before_trainin
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "nope.pt" in r.stderr.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "saved_models" / "synthetic_day2night" / "log.csv")
+
+
+def test_a_run_writing_to_a_pipe_shows_each_line_when_it_is_printed(tmp_path):
+    """Python holds back ~8 KB of output that goes to a file or pipe (`nohup ... > log`): the
+    lines must come when printed. --budget 10min first measures this machine's speed for
+    12 s, saying so; the run is killed as soon as that line is read, so the line after it
+    (the measured speed) must never have been printed. Held back, the first lines would
+    come only with a later, flushed one. The killed run's folder lock goes with it."""
+    cwd = str(tmp_path)
+    make_builtin_data(cwd)
+    flags = [*FLAGS[:8], "--budget", "10min", "--n_cpu", "0", "--seed", "5", "--sample_interval", "0", "--amp", "none"]
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
+    p = start_cli("cyclegan.py", *flags, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = p.stdout.readline()
+        assert first.startswith("saved_models/synthetic_day2night: a new run (pid"), first
+        measuring = p.stdout.readline()
+        assert measuring.startswith("--budget 10min: first measuring this machine's speed, about 12 s"), measuring
+    finally:
+        p.kill()
+    rest = p.stdout.read()
+    p.wait()
+    assert "per iteration" not in rest, rest
+    r = run(cwd, *FLAGS)  # not refused: the kernel freed the killed run's lock
+    assert r.returncode == 0, r.stderr

@@ -1,14 +1,19 @@
 """
 Nothing a user made is lost or overwritten, and every fault is one line: a repeated
-training command, outputs over inputs, a run named after its data, a full disk during any
+training command, two runs started at once on one folder, outputs over inputs, a run named
+after its data, a full disk during any
 save, decompression bombs, unwritable output folders, folders of unreadable images and a
 generator without residual blocks.
 """
+import csv
 import errno
 import hashlib
 import os
 import resource
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -17,7 +22,7 @@ from PIL import Image
 
 import cyclegan
 import utils
-from conftest import make_data, run_translate, write_images
+from conftest import make_data, one_thread_env, run_translate, start_cli, write_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,6 +92,65 @@ def test_a_generator_without_residual_blocks_is_refused_at_the_start(tiny, main_
     code, _, err = main_in_process(tiny, *TINY, "--n_residual_blocks", "0")
     assert code == 2 and one_line(err) == "error: --n_residual_blocks must be at least 1, got 0"
     assert not (tiny / "saved_models").exists()
+
+
+# -----------------------------------------------------------------------------
+# Two runs at once on one folder (issue 25)
+
+def folder_bytes(*folders):
+    return {os.path.join(d, f): sha256(os.path.join(d, f)) for d in folders for f in sorted(os.listdir(d))
+            if f != ".lock"}
+
+
+def test_a_held_run_folder_refuses_every_kind_of_start_names_the_holder_and_is_freed_when_it_is_killed(tiny, main_in_process):
+    code, _, err = main_in_process(tiny, *TINY)
+    assert code == 0, err
+    models, grids = tiny / "saved_models" / "tiny", tiny / "images" / "tiny"
+    before = folder_bytes(models, grids)
+    # another process holds the folder, as a running cyclegan.py does
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import utils; "
+                               "lock = utils.hold_run_folder('saved_models/tiny'); print('held', flush=True); sys.stdin.read()", ROOT],
+                              cwd=tiny, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        two_epochs = [a if a != "1" or TINY[k - 1] != "--n_epochs" else "2" for k, a in enumerate(TINY)]
+        for extra in ([], ["--resume"], ["--overwrite"], ["--overwrite", "--resume"], two_epochs + ["--epoch", "1"]):
+            args = [*TINY, *extra] if "--epoch" not in extra else extra
+            code, out, err = main_in_process(tiny, *args)
+            assert code == 2, (extra, out, err)
+            line = one_line(err)
+            assert f"saved_models/tiny is in use by another run (pid {holder.pid} on " in line, line
+            assert "another --dataset_name" in line
+            assert folder_bytes(models, grids) == before  # nothing written or deleted
+    finally:
+        holder.kill()  # SIGKILL: no chance to unlock; the kernel does it
+        holder.wait()
+    code, _, err = main_in_process(tiny, *TINY, "--overwrite", "--sample_interval", "0")
+    assert code == 0, err
+
+
+def test_two_runs_started_at_once_with_one_name_one_trains_and_its_files_are_its_own(tiny, tmp_path_factory):
+    env = one_thread_env(PYTHONUNBUFFERED="0")
+    both = [start_cli("cyclegan.py", *TINY, cwd=tiny, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [(p.pid, p.returncode, out, err) for p in both for out, err in [p.communicate(timeout=600)]]
+    trained = [r for r in results if r[1] == 0]
+    refused = [r for r in results if r[1] != 0]
+    assert len(trained) == 1 and len(refused) == 1, results
+    winner_pid, loser = trained[0][0], refused[0]
+    line = one_line(loser[3])
+    # the loser came while the winner held the folder, or (a slow start) after it had finished
+    assert f"is in use by another run (pid {winner_pid} on " in line or "already holds a run" in line, line
+    # what is left is one run's: its log once, and weights equal to the same run made alone
+    rows = list(csv.DictReader(open(tiny / "saved_models" / "tiny" / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == list(range(4))
+    alone = tmp_path_factory.mktemp("alone")
+    make_data(alone / "data" / "tiny", n_A=4, n_test=2, size=(36, 39))
+    p = start_cli("cyclegan.py", *TINY, cwd=alone, env=env)
+    assert p.wait(timeout=600) == 0
+    for f in ("G_AB_1.pth", "D_B_1.pth"):
+        mine, theirs = (torch.load(d / "saved_models" / "tiny" / f, weights_only=True) for d in (tiny, alone))
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), f
 
 
 # -----------------------------------------------------------------------------
