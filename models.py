@@ -360,6 +360,28 @@ class ProjectedDiscriminator(nn.Module):
         return torch.cat([head(f).flatten(1) for head, f in zip(self.heads, feats)], 1)
 
 
+class Discriminators(nn.ModuleDict):
+    """Several discriminators judging the same images (cyclegan.py --netD patch,projected):
+    the list of their outputs, whose losses the training step averages."""
+
+    def forward(self, x):
+        return [d(x) for d in self.values()]
+
+
+def discriminator_kind(state_dict):
+    """'patch', 'projected' or 'patch,projected' (the --netD that made a D_*.pth), from its keys;
+    None for what is none of them."""
+    keys = list(clean_state_dict(state_dict))
+    if keys and all(k.startswith(("patch.", "projected.")) for k in keys):
+        return ",".join(kind for kind in ("patch", "projected") if any(k.startswith(kind + ".") for k in keys))
+    # (a ResNet generator's keys start with "model." too, but its first layer is a padding)
+    if keys and all(k.startswith("model.") for k in keys) and "model.0.weight" in keys:
+        return "patch"
+    if keys and all(k.startswith(("mix.", "fuse.", "heads.")) for k in keys):
+        return "projected"
+    return None
+
+
 # -----------------------------------------------------------------------------
 # Loading a generator from a checkpoint whose architecture is read off its keys.
 

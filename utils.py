@@ -249,8 +249,7 @@ def hold_run_folder(folder):
     started at once with the same name would otherwise both pass the "this folder already holds
     a run" check and write into one folder. The kernel releases it when the process ends,
     however it ends, so a crash or SIGKILL leaves no stale lock. Another holder: one line naming
-    it. (Data-loading workers share it, being forks: a SIGKILLed run's lock goes with its last
-    worker, a few seconds later.)"""
+    it."""
     if fcntl is None:
         print(f"note: no fcntl on this platform: nothing stops a second run from writing into {folder} at the same time",
               file=sys.stderr)
@@ -269,7 +268,28 @@ def hold_run_folder(folder):
     command = " ".join(["python"] + [os.path.basename(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0] else "python"
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {command[:200]}\n")
     f.flush()
+    HELD_LOCKS[:] = [held for held in HELD_LOCKS if not held.closed] + [f]
     return f
+
+
+HELD_LOCKS = []  # the run folders' lock files this process holds
+
+
+def let_go_of_held_locks():
+    """In a forked child (a data-loading worker): its copy of a lock's file descriptor would
+    keep the run folder locked after a SIGKILLed parent, until the worker noticed and ended.
+    The descriptor becomes /dev/null instead (closing it would let its number be reused under
+    the file object's feet)."""
+    for f in HELD_LOCKS:
+        if not f.closed:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, f.fileno())
+            os.close(null)
+    HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=let_go_of_held_locks)
 
 
 def lock_holder(f):

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+import augment
 import cyclegan
 import models
 import utils
@@ -111,18 +112,18 @@ def shifted(x, dy, dx):
 def test_diffaugment_gives_real_and_fake_image_k_the_same_draw(policy):
     torch.manual_seed(0)
     x = torch.rand(3, 3, 16, 12) * 2 - 1
-    y = cyclegan.diff_augment(torch.cat([x, x]), policy, pairs=2)
+    y = augment.diff_augment(torch.cat([x, x]), policy, pairs=2)
     assert torch.equal(y[:3], y[3:])
     assert not torch.equal(y[:3], x)
     # and different images of a batch get different draws
-    z = cyclegan.diff_augment(torch.cat([x[:1]] * 3), policy)
+    z = augment.diff_augment(torch.cat([x[:1]] * 3), policy)
     assert not (torch.equal(z[0], z[1]) and torch.equal(z[1], z[2]))
 
 
 def test_diffaugment_translation_is_a_shift_of_at_most_an_eighth_with_zeros_shifted_in():
     torch.manual_seed(1)
     x = torch.rand(6, 3, 16, 16) + 0.5  # no zeros of its own
-    y = cyclegan.diff_augment(x, "translation")
+    y = augment.diff_augment(x, "translation")
     for k in range(6):
         matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(shifted(x[k], dy, dx), y[k])]
         assert len(matches) == 1, k
@@ -131,7 +132,7 @@ def test_diffaugment_translation_is_a_shift_of_at_most_an_eighth_with_zeros_shif
 def test_diffaugment_cutout_zeroes_one_square_of_half_the_size_at_most():
     torch.manual_seed(2)
     x = torch.rand(8, 3, 16, 16) + 0.5
-    y = cyclegan.diff_augment(x, "cutout")
+    y = augment.diff_augment(x, "cutout")
     for k in range(8):
         zero = (y[k] == 0).all(0)
         assert torch.equal(y[k][:, ~zero], x[k][:, ~zero])  # the rest is untouched
@@ -144,7 +145,7 @@ def test_diffaugment_color_is_the_papers_brightness_saturation_contrast():
     torch.manual_seed(3)
     x = torch.rand(4, 3, 8, 8, dtype=torch.float64) * 2 - 1
     torch.manual_seed(5)
-    y = cyclegan.diff_augment(x, "color")
+    y = augment.diff_augment(x, "color")
     torch.manual_seed(5)  # the same draws, in the paper code's order
     b, s, c = (torch.rand(4, 1, 1, 1, dtype=torch.float64) for _ in range(3))
     e = x + (b - 0.5)
@@ -155,7 +156,7 @@ def test_diffaugment_color_is_the_papers_brightness_saturation_contrast():
 
 def test_diffaugment_lets_gradients_through_to_the_generator():
     x = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
-    cyclegan.diff_augment(x, "color,translation,cutout").sum().backward()
+    augment.diff_augment(x, "color,translation,cutout").sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 

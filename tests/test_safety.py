@@ -13,7 +13,6 @@ import resource
 import signal
 import struct
 import subprocess
-import sys
 import zlib
 
 import pytest
@@ -108,9 +107,10 @@ def test_a_held_run_folder_refuses_every_kind_of_start_names_the_holder_and_is_f
     models, grids = tiny / "saved_models" / "tiny", tiny / "images" / "tiny"
     before = folder_bytes(models, grids)
     # another process holds the folder, as a running cyclegan.py does
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import utils; "
-                               "lock = utils.hold_run_folder('saved_models/tiny'); print('held', flush=True); sys.stdin.read()", ROOT],
-                              cwd=tiny, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    hold = tiny / "hold.py"
+    hold.write_text("import sys\nsys.path.insert(0, sys.argv[1])\nimport utils\n"
+                    "lock = utils.hold_run_folder('saved_models/tiny')\nprint('held', flush=True)\nsys.stdin.read()\n")
+    holder = start_cli(hold, ROOT, cwd=tiny, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         two_epochs = [a if a != "1" or TINY[k - 1] != "--n_epochs" else "2" for k, a in enumerate(TINY)]
@@ -127,6 +127,27 @@ def test_a_held_run_folder_refuses_every_kind_of_start_names_the_holder_and_is_f
         holder.wait()
     code, _, err = main_in_process(tiny, *TINY, "--overwrite", "--sample_interval", "0")
     assert code == 0, err
+
+
+def test_a_forked_child_such_as_a_data_worker_does_not_keep_the_run_folder_locked(tmp_path):
+    # a SIGKILLed run's data workers live on for a few seconds; the folder must be free at once
+    import fcntl
+    import multiprocessing
+    folder = str(tmp_path / "run")
+    held = utils.hold_run_folder(folder)
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    child = fork.Process(target=lambda: (started.set(), signal.pause()), daemon=True)
+    child.start()
+    try:
+        assert started.wait(30)  # (the child is past its at-fork hooks)
+        held.close()  # the parent lets go, as the kernel does for a killed process
+        with open(os.path.join(folder, ".lock"), "a+") as other:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if the child held it
+        assert child.is_alive()
+    finally:
+        child.kill()
+        child.join()
 
 
 def test_two_runs_started_at_once_with_one_name_one_trains_and_its_files_are_its_own(tiny, tmp_path_factory):
