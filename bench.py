@@ -34,6 +34,7 @@ from types import SimpleNamespace
 import torch
 
 import cyclegan
+import training
 from augment import DIFFAUG_POLICIES
 from utils import ReplayBuffer, die, pick_device, pick_precision, precision_name, print_lines_as_they_come
 
@@ -52,7 +53,7 @@ def get_parser():
     p.add_argument("--d_receptive_field", type=cyclegan.receptive_field_arg, default=94, choices=cyclegan.RECEPTIVE_FIELD_CHOICES,
                    help="as cyclegan.py's")
     p.add_argument("--netD", default="patch", choices=("patch", "projected", "patch,projected"), help="as cyclegan.py's")
-    p.add_argument("--gan_mode", default="lsgan", choices=cyclegan.GAN_MODES, help="as cyclegan.py's")
+    p.add_argument("--gan_mode", default="lsgan", choices=training.GAN_MODES, help="as cyclegan.py's")
     p.add_argument("--diffaug", default="", metavar="POLICY", help="as cyclegan.py's (e.g. color,translation,cutout)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="as cyclegan.py's --amp")
@@ -126,8 +127,8 @@ def build_step(opt, device):
         net.to(memory_format=memory_format)
     optimizers, _ = cyclegan.build_optimizers(train_opt, nets, device)
     buffers = {"fake_A": ReplayBuffer(train_opt.pool_size, seed=1), "fake_B": ReplayBuffer(train_opt.pool_size, seed=2)}
-    _, autocast, scaler = cyclegan.setup_precision(train_opt, device, procs)
-    step_nets = cyclegan.networks_for_step(nets, train_opt, device, procs)
+    _, autocast, scaler = training.setup_precision(train_opt, device, procs)
+    step_nets = training.networks_for_step(nets, train_opt, device, procs)
     real_A, real_B = ((torch.rand(opt.batch_size, 3, opt.img_size, opt.img_size) * 2 - 1)
                       .to(device, memory_format=memory_format) for _ in range(2))
     return lambda: cyclegan.train_step(real_A, real_B, step_nets, optimizers, buffers, train_opt.lambda_cyc, train_opt.lambda_id,

@@ -30,6 +30,7 @@ import pytest
 import torch
 
 import cyclegan
+import training
 import utils
 
 FP32_TOL = (1e-4, 0.2)
@@ -74,8 +75,8 @@ def run_steps(device, dtype=torch.float32, amp="none", compile_mode=None, tf32=F
     nets = {name: net.to(device, dtype) for name, net in nets.items()}
     optimizers, _ = cyclegan.build_optimizers(opt, nets, device)
     buffers = {"fake_A": utils.ReplayBuffer(1, seed=1), "fake_B": utils.ReplayBuffer(1, seed=2)}
-    _, autocast, scaler = cyclegan.setup_precision(opt, device, SimpleNamespace(master=True))
-    step_nets = cyclegan.networks_for_step(nets, opt, device, SimpleNamespace(ddp=False))
+    _, autocast, scaler = training.setup_precision(opt, device, SimpleNamespace(master=True))
+    step_nets = training.networks_for_step(nets, opt, device, SimpleNamespace(ddp=False))
     g = torch.Generator().manual_seed(1)
     real_A, real_B = ((torch.rand(1, 3, 32, 32, generator=g) * 2 - 1).to(device, dtype) for _ in range(2))
     before, losses, grads = [], [], []
