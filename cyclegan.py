@@ -18,6 +18,10 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+
+if __name__ == "__main__" and os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(sys.argv[1:]):
+    # importing PyTorch takes seconds on a small CPU: a log file says at once that the run began
+    print(f"cyclegan.py: started (pid {os.getpid()}); importing PyTorch ...", flush=True)
 from functools import partial
 from types import SimpleNamespace
 
@@ -505,4 +509,9 @@ def train(opt, resume_state, model_dir, started):
 
 if __name__ == "__main__":
     print_lines_as_they_come()
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM while the first is being honoured (StopSignal)
+        print("stopped at once, without saving (a last.pt saved earlier is intact: continue from it with --resume)",
+              file=sys.stderr)
+        sys.exit(130)

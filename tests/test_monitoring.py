@@ -163,6 +163,8 @@ def test_a_run_writing_to_a_pipe_shows_each_line_when_it_is_printed(tmp_path):
     env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
     p = start_cli("cyclegan.py", *flags, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
+        started = p.stdout.readline()  # (printed before the imports, which take seconds)
+        assert started == f"cyclegan.py: started (pid {p.pid}); importing PyTorch ...\n", started
         first = p.stdout.readline()
         assert first.startswith("saved_models/synthetic_day2night: a new run (pid") and first.endswith(" 4 A / 4 B images\n"), first
         measuring = p.stdout.readline()

@@ -318,6 +318,23 @@ def test_signal_saves_the_current_iteration_says_how_to_resume_and_resume_is_bit
     assert_same_final_state(cwd, refs[n_cpu])
 
 
+def test_a_second_signal_stops_at_once_with_one_line_and_no_traceback(refs, tmp_path):
+    # SIGTERM then SIGINT (two different signals, so that neither is merged into the other):
+    # the second is the user's "now"
+    cwd = str(tmp_path)
+    copy_data(refs[0], cwd)
+    proc = start(cwd, "killed", *BASE, "--n_cpu", 0, "--log_interval", "1", "--save_latest_interval", "0")
+    wait_for_iteration(proc, cwd, "killed", 1)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=120)
+    err = output(cwd, "killed")[1]
+    assert rc == 130 and "Traceback" not in err, err
+    # (Python runs pending handlers by signal number: SIGINT's comes first)
+    assert err.count(" received: finishing this batch") == 1, err
+    assert err.rstrip().endswith("continue from it with --resume)"), err
+
+
 def test_resume_at_epoch_boundary_even_after_a_save_that_failed_midway(refs, tmp_path):
     cwd = str(tmp_path)
     copy_data(refs[0], cwd)
