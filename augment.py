@@ -10,11 +10,9 @@ DIFFAUG_POLICIES = ("color", "translation", "cutout")
 
 
 def diff_augment(x, policy, pairs=1):
-    """DiffAugment (Zhao et al. 2020): random, differentiable changes of D's input, so that a
-    D trained on few images cannot memorise them; gradients flow through to G. `policy`:
-    comma-separated DIFFAUG_POLICIES. x holds `pairs` equal-sized groups (real images, then
-    fakes): image k of every group gets the same draw, so D cannot tell a real image from a
-    fake one by how it was augmented. Draws from torch's global RNG (saved in last.pt)."""
+    """DiffAugment of D's input x. `policy`: comma-separated DIFFAUG_POLICIES. x holds `pairs`
+    equal-sized groups (real images, then fakes): image k of every group gets the same draw, so
+    D cannot tell a real image from a fake one by how it was augmented. Draws from torch's global RNG (saved in last.pt)."""
     n = x.size(0) // pairs
 
     def draw(*shape):  # one draw per image of a group, repeated for every group
