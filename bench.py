@@ -1,6 +1,7 @@
 """
-Times the CycleGAN training step: cyclegan.py's own networks, optimisers, replay buffers
-and train_step on random images, with nothing else (no data loading, logging or saving).
+Times a training step: cyclegan.py's (or, with --model cut|fastcut, cut.py's) own networks,
+optimisers, replay buffers and step on random images, with nothing else (no data loading,
+logging or saving).
 
     python bench.py                                   # 128x128, 9 blocks, batch 1, --amp auto, eager
     python bench.py --img_size 256 --amp bf16 --channels_last --compile
@@ -8,6 +9,7 @@ and train_step on random images, with nothing else (no data loading, logging or 
     python bench.py --amp none --rows default,bf16,bf16+channels_last,compile   # compare, with ratios
     python bench.py --img_size 64 --ngf 32 --n_residual_blocks 6 --d_receptive_field auto   # the Quality recipe's step
     python bench.py --img_size 64 --netD patch,projected --gan_mode hinge --diffaug color,translation,cutout
+    python bench.py --img_size 64 --ngf 32 --n_residual_blocks 6 --d_receptive_field auto --model fastcut
 
 It warms up (torch.compile compiles there), then times --iters steps, synchronising the
 device around each, and prints their median (s/it), images/s and peak memory: on CUDA
@@ -33,10 +35,11 @@ from types import SimpleNamespace
 
 import torch
 
+import cut
 import cyclegan
 import training
 from augment import DIFFAUG_POLICIES
-from utils import ReplayBuffer, die, pick_device, pick_precision, precision_name, print_lines_as_they_come
+from utils import die, pick_device, pick_precision, precision_name, print_lines_as_they_come
 
 ROW_OPTIONS = {"fp32": ["--amp", "none"], "bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"],
                "channels_last": ["--channels_last"], "compile": ["--compile", "default"],
@@ -44,13 +47,14 @@ ROW_OPTIONS = {"fp32": ["--amp", "none"], "bf16": ["--amp", "bf16"], "fp16": ["-
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Time the CycleGAN training step.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Time a training step.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="cyclegan", choices=("cyclegan", "cut", "fastcut"),
+                   help="whose step: cyclegan.py's, or cut.py's with --mode cut or fastcut")
     p.add_argument("--img_size", type=int, default=128, help="height and width of the random training images")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--n_residual_blocks", type=int, default=9)
     p.add_argument("--ngf", type=int, default=64, help="as cyclegan.py's --ngf")
-    p.add_argument("--d_receptive_field", type=cyclegan.receptive_field_arg, default=94, choices=cyclegan.RECEPTIVE_FIELD_CHOICES,
+    p.add_argument("--d_receptive_field", type=training.receptive_field_arg, default=94, choices=training.RECEPTIVE_FIELD_CHOICES,
                    help="as cyclegan.py's")
     p.add_argument("--netD", default="patch", choices=("patch", "projected", "patch,projected"), help="as cyclegan.py's")
     p.add_argument("--gan_mode", default="lsgan", choices=training.GAN_MODES, help="as cyclegan.py's")
@@ -113,26 +117,28 @@ def peak_memory_mib(device):
 
 
 def build_step(opt, device):
-    """One training step as cyclegan.py runs it with these flags, as a function of nothing."""
-    train_opt = cyclegan.get_parser().parse_args([])  # cyclegan.py's defaults: lr, betas, losses, pool size
+    """One training step as cyclegan.py (or cut.py) runs it with these flags, as a function of nothing."""
+    if opt.model == "cyclegan":
+        script, train_opt = cyclegan, cyclegan.get_parser().parse_args([])  # its defaults: lr, betas, losses, pool size
+    else:
+        script, train_opt = cut, cut.apply_mode(cut.get_parser().parse_args(["--mode", opt.model]))
     train_opt.img_height = train_opt.img_width = opt.img_size
     train_opt.n_residual_blocks, train_opt.amp, train_opt.compile = opt.n_residual_blocks, opt.amp, opt.compile
     train_opt.ngf, train_opt.d_receptive_field = opt.ngf, opt.d_receptive_field
     train_opt.netD, train_opt.gan_mode, train_opt.diffaug = opt.netD, opt.gan_mode, opt.diffaug
     procs = SimpleNamespace(ddp=False, master=True)  # one process, which prints
     torch.manual_seed(0)
-    nets, _ = cyclegan.build_networks(train_opt, device)
+    nets, _ = script.build_networks(train_opt, device)
     memory_format = torch.channels_last if opt.channels_last else torch.contiguous_format
     for net in nets.values():
         net.to(memory_format=memory_format)
-    optimizers, _ = cyclegan.build_optimizers(train_opt, nets, device)
-    buffers = {"fake_A": ReplayBuffer(train_opt.pool_size, seed=1), "fake_B": ReplayBuffer(train_opt.pool_size, seed=2)}
+    optimizers, _ = script.build_optimizers(train_opt, nets, device)
+    buffers = script.build_buffers(argparse.Namespace(**{**vars(train_opt), "seed": 1}), 0)
     _, autocast, scaler = training.setup_precision(train_opt, device, procs)
     step_nets = training.networks_for_step(nets, train_opt, device, procs)
     real_A, real_B = ((torch.rand(opt.batch_size, 3, opt.img_size, opt.img_size) * 2 - 1)
                       .to(device, memory_format=memory_format) for _ in range(2))
-    return lambda: cyclegan.train_step(real_A, real_B, step_nets, optimizers, buffers, train_opt.lambda_cyc, train_opt.lambda_id,
-                                       autocast, scaler, train_opt.diffaug, train_opt.gan_mode)
+    return lambda: script.step(train_opt, real_A, real_B, step_nets, optimizers, buffers, autocast, scaler)
 
 
 def time_steps(step, n, device):
@@ -159,8 +165,8 @@ def profile_step(step, device, top=15):
 
 
 def step_description(opt):
-    """'1 residual blocks, ngf 64, D patch 94, lsgan' (and the DiffAugment policy, when on)."""
-    return (f"{opt.n_residual_blocks} residual blocks, ngf {opt.ngf}, D {opt.netD.replace('patch', f'patch {opt.d_receptive_field}')}, "
+    """'cyclegan, 1 residual blocks, ngf 64, D patch 94, lsgan' (and the DiffAugment policy, when on)."""
+    return (f"{opt.model}, {opt.n_residual_blocks} residual blocks, ngf {opt.ngf}, D {opt.netD.replace('patch', f'patch {opt.d_receptive_field}')}, "
             f"{opt.gan_mode}" + (f", diffaug {opt.diffaug}" if opt.diffaug else ""))
 
 
@@ -190,7 +196,7 @@ def bench(opt, device):
 
 def row_argv(opt, row):
     """This command for one row: the flags given, with the row's options in place of the default's."""
-    argv = [f"--img_size={opt.img_size}", f"--batch_size={opt.batch_size}", f"--n_residual_blocks={opt.n_residual_blocks}",
+    argv = [f"--model={opt.model}", f"--img_size={opt.img_size}", f"--batch_size={opt.batch_size}", f"--n_residual_blocks={opt.n_residual_blocks}",
             f"--ngf={opt.ngf}", f"--d_receptive_field={opt.d_receptive_field}", f"--netD={opt.netD}", f"--gan_mode={opt.gan_mode}",
             f"--diffaug={opt.diffaug}",
             f"--device={opt.device}", f"--iters={opt.iters}", f"--warmup={opt.warmup}"] + (["--profile"] if opt.profile else [])

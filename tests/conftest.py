@@ -175,7 +175,7 @@ def main_in_process(monkeypatch, capsys):
     return call
 
 
-PRECISION_SCRIPTS = ("cyclegan.py", "test.py", "evaluate.py", "bench.py")
+PRECISION_SCRIPTS = ("cyclegan.py", "cut.py", "test.py", "evaluate.py", "bench.py")
 NO_NATIVE_BF16 = ("a CPU without native bf16 (faked by tests/conftest.py)", frozenset({"sse4_2", "avx2", "fma", "avx512f"}))
 NATIVE_BF16 = ("a CPU with native bf16 (faked by tests/conftest.py)", frozenset({"sse4_2", "avx2", "fma", "avx512f", "avx512_bf16"}))
 

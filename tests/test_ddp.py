@@ -107,6 +107,20 @@ def test_torchrun_cli_trains_and_only_rank_zero_writes_and_evaluates(tmp_path):
     assert not torch.equal(state["replay_buffers"][0][0]["data"][0], state["replay_buffers"][1][0]["data"][0])
 
 
+def test_torchrun_trains_cut_through_the_same_loop(tmp_path):
+    """cut.py under DDP: G's extra encoder passes (PatchNCE's queries, and the keys of FastCUT's
+    flipped batches) and the projection head's two calls per step, with the identity term on."""
+    make_data(tmp_path / "data", n_A=6, n_test=6, size=(36, 36))
+    r = torchrun(tmp_path, 2, os.path.join(ROOT, "cut.py"), *TINY, "--mode", "fastcut", "--nce_idt", "--num_patches", "16")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("done: weights in") == 1 and " x 2 process(es)" in r.stdout
+    models = tmp_path / "saved_models" / "tiny"
+    assert sorted(os.listdir(models)) == [".lock", "D_B_2.pth", "F_2.pth", "G_AB_2.pth", "last.pt", "log.csv"]
+    rows = list(csv.DictReader(open(models / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == list(range(6)) and all(float(r["loss_NCE_Y"]) > 0 for r in rows)
+    assert len(torch.load(models / "last.pt", weights_only=True)["replay_buffers"]) == 2
+
+
 def test_torchrun_sigterm_then_resume_is_bitwise_identical_and_process_count_may_change_at_epoch_end(tmp_path, main_in_process):
     make_data(tmp_path / "data", n_A=6, n_test=6, size=(36, 36))
     # the uninterrupted run
