@@ -474,22 +474,25 @@ class StopSignal:
     over a gloo `group`, so stopping costs no device synchronisation."""
 
     def __init__(self, message=None, group=None):
-        self.signum, self.message, self.group = None, message, group
+        # received: this process's signal; signum: the one all processes agreed on. (Kept apart,
+        # because a signal handled while agreed() waits in its all-reduce, whose flag went out
+        # without it, would otherwise be overwritten by that all-reduce's result and lost.)
+        self.received, self.signum, self.message, self.group = None, None, message, group
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: the user really wants out
+        if self.received is not None:  # a second Ctrl-C: the user really wants out
             raise KeyboardInterrupt
-        self.signum = signum
+        self.received = signum
         if self.message:
             print(f"\n{signal.Signals(signum).name} received: {self.message}", file=sys.stderr, flush=True)
 
     def agreed(self):
+        flag = torch.tensor([self.received or 0])
         if dist.is_initialized():
-            flag = torch.tensor([self.signum or 0])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            self.signum = int(flag[0]) or None
+        self.signum = int(flag[0]) or None
         return self.signum is not None
 
 

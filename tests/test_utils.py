@@ -471,3 +471,29 @@ def test_every_computing_script_declares_the_same_device_and_precision_flags():
         for value in ("auto", "none", "bf16", "fp16"):
             args = ["--checkpoint", "x", "--image_path", "y"] if module is translate_script else []
             assert module.get_parser().parse_args(args + ["--amp", value]).amp == value
+
+
+def test_a_signal_that_arrives_during_the_stop_all_reduce_is_honoured_after_the_next_batch(monkeypatch):
+    """Under DDP agreed() sends this process's flag and waits in an all-reduce; a signal handled
+    while it waits missed that flag, so all processes agree to go on this time, and must agree
+    to stop at the next batch (it used to be overwritten by the all-reduce's result and lost:
+    a torchrun run given SIGTERM trained to the end)."""
+    import signal as sig
+    saved = {s: sig.getsignal(s) for s in (sig.SIGINT, sig.SIGTERM)}
+    try:
+        stop = utils.StopSignal()
+        calls = []
+
+        def all_reduce(flag, op=None, group=None):  # the other process's flag is 0
+            calls.append(int(flag[0]))
+            if len(calls) == 1:
+                stop._on_signal(sig.SIGTERM, None)  # handled while this process waits
+
+        monkeypatch.setattr(utils.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(utils.dist, "all_reduce", all_reduce)
+        assert stop.agreed() is False  # the flag went out without it: everyone goes on
+        assert stop.agreed() is True and stop.signum == sig.SIGTERM
+        assert calls == [0, sig.SIGTERM]
+    finally:
+        for s, handler in saved.items():
+            sig.signal(s, handler)
