@@ -18,7 +18,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 from contextlib import nullcontext
 
 if __name__ == "__main__" and os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(sys.argv[1:]):
@@ -32,9 +31,9 @@ import torch.nn.functional as F
 import training
 from augment import diff_augment
 from models import GeneratorResNet, PatchProjection, efficientnet_lite0, weights_init_normal
-from training import (adam_options, add_training_args, backward_step, build_discriminator, gan_loss, lr_schedulers, run,
+from training import (adam_options, add_training_args, backward_step, build_discriminator, gan_loss, lr_schedulers,
                       set_requires_grad, split_batch)
-from utils import ReplayBuffer, print_lines_as_they_come
+from utils import ReplayBuffer
 
 # What train_step returns, in the order of log.csv's columns.
 LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_NCE", "loss_NCE_Y")
@@ -216,16 +215,8 @@ CUT = SimpleNamespace(name="CUT", build_networks=build_networks, build_optimizer
 
 
 def main(argv=None):
-    started = time.time()
-    opt, resume_state = parse_args(sys.argv[1:] if argv is None else argv)
-    run(opt, resume_state, started, CUT)
+    training.main(parse_args, CUT, argv)
 
 
 if __name__ == "__main__":
-    print_lines_as_they_come()
-    try:
-        main()
-    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM while the first is being honoured (StopSignal)
-        print("stopped at once, without saving (a last.pt saved earlier is intact: continue from it with --resume)",
-              file=sys.stderr)
-        sys.exit(130)
+    training.run_as_script(main)

@@ -15,7 +15,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 from contextlib import nullcontext
 
 if __name__ == "__main__" and os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(sys.argv[1:]):
@@ -31,8 +30,8 @@ from augment import diff_augment
 from models import GeneratorResNet, efficientnet_lite0, weights_init_normal
 from training import RESUME_HARMLESS  # noqa: F401 (re-exported: what a --resume may change, as before the loop moved)
 from training import (adam_options, add_training_args, backward_step, build_discriminator, gan_loss, lr_schedulers,
-                      run, set_requires_grad, split_batch)
-from utils import ReplayBuffer, print_lines_as_they_come
+                      set_requires_grad, split_batch)
+from utils import ReplayBuffer
 
 # What train_step returns, in the order of log.csv's columns.
 LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity", "loss_D_A", "loss_D_B")
@@ -173,16 +172,8 @@ CYCLEGAN = SimpleNamespace(name="CycleGAN", build_networks=build_networks, build
 
 
 def main(argv=None):
-    started = time.time()
-    opt, resume_state = parse_args(sys.argv[1:] if argv is None else argv)
-    run(opt, resume_state, started, CYCLEGAN)
+    training.main(parse_args, CYCLEGAN, argv)
 
 
 if __name__ == "__main__":
-    print_lines_as_they_come()
-    try:
-        main()
-    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM while the first is being honoured (StopSignal)
-        print("stopped at once, without saving (a last.pt saved earlier is intact: continue from it with --resume)",
-              file=sys.stderr)
-        sys.exit(130)
+    training.run_as_script(main)

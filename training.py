@@ -34,7 +34,7 @@ from report import (ResultsPage, TrainingLog, build_evaluator, evaluate_generato
 from synthetic import BUILTIN_DATASET, make_day2night
 from utils import (BudgetLR, LambdaLR, StopSignal, TrainingState, add_device_args, autocast_context, check_finite_weights,
                    check_writable, choose_precision, clean_killed_saves, die, ema_decay, hold_run_folder, load_checkpoint,
-                   parse_budget, pick_device, precision_name, rng_state, save_atomic, set_rng_state, update_ema)
+                   parse_budget, pick_device, precision_name, print_lines_as_they_come, rng_state, save_atomic, set_rng_state, update_ema)
 
 
 # -----------------------------------------------------------------------------
@@ -687,6 +687,25 @@ def measure_costs(opt, algorithm, dataset, device, autocast, scaler, evaluator, 
 # build_networks(opt, device) -> (nets, ema), build_optimizers(opt, nets, device) ->
 # (optimizers, schedulers), build_buffers(opt, rank) -> replay buffers, step(opt, real_A,
 # real_B, nets, optimizers, buffers, autocast, scaler) -> losses, and loss_names (log.csv's).
+
+def main(parse_args, algorithm, argv=None):
+    """A training script's main(): its arguments (`parse_args`: the script's), then run()."""
+    started = time.time()
+    opt, resume_state = parse_args(sys.argv[1:] if argv is None else argv)
+    run(opt, resume_state, started, algorithm)
+
+
+def run_as_script(main):
+    """`python cyclegan.py` / `python cut.py`: lines reach a log file as printed, and a second
+    Ctrl-C or SIGTERM, while the first is being honoured (StopSignal), ends with one line."""
+    print_lines_as_they_come()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("stopped at once, without saving (a last.pt saved earlier is intact: continue from it with --resume)",
+              file=sys.stderr)
+        sys.exit(130)
+
 
 def run(opt, resume_state, started, algorithm):
     model_dir = os.path.join("saved_models", opt.dataset_name)
