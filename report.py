@@ -63,6 +63,12 @@ class TrainingLog:
         self.t0 = self.t0_done = None  # rates from the end of the first batch: compile and warm-up excluded
         self.bar = tqdm(total=total, initial=done, unit="it", dynamic_ncols=True) if sys.stdout.isatty() else None
 
+    def set_total(self, total):
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def add(self, epoch, batch, iteration, losses, lr):
         if self.t0 is None:
             self.t0, self.t0_done = time.time(), iteration + 1

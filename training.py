@@ -97,8 +97,8 @@ def add_training_args(p):
                    help="DiffAugment of every discriminator input, real and fake alike: a comma-separated list of "
                         f"{', '.join(DIFFAUG_POLICIES)}; empty: off")
     p.add_argument("--budget", type=str, default=None,
-                   help="train for this long (90s, 45min, 1.5h: turned into iterations once, from this machine's speed, "
-                        "and recorded in last.pt) or this many iterations, with the learning rate of --warmup and "
+                   help="train for this long (90s, 45min, 1.5h: turned into iterations from this machine's speed, "
+                        "planned again from the run's own speed at 5, 20 and 40%% of it, and recorded in last.pt) or this many iterations, with the learning rate of --warmup and "
                         "--decay_fraction over it (instead of --n_epochs and --decay_epoch)")
     p.add_argument("--warmup", type=float, default=0.0, help="with --budget: fraction of the run over which the learning rate rises linearly from 0")
     p.add_argument("--decay_fraction", type=float, default=0.5, help="with --budget: last fraction of the run over which the learning rate falls linearly to 0")
@@ -424,14 +424,38 @@ def n_evaluations(opt, iterations, n_batches):
     return epochs // opt.eval_interval + (epochs % opt.eval_interval != 0)
 
 
+def iterations_within(seconds, step_s, eval_s, opt, n_batches, done=0, evaluated=0):
+    """How many iterations after the first `done` fit in `seconds` at `step_s` each, less the
+    evaluations --eval_interval asks for beyond the `evaluated` already done."""
+    def cost(iterations):
+        return iterations * step_s + (n_evaluations(opt, done + iterations, n_batches) - evaluated) * eval_s
+
+    low, high = 0, max(0, int(seconds / step_s))  # the most whose cost fits (it only grows with iterations)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if cost(mid) <= seconds else (low, mid - 1)
+    return low
+
+
+def agree_on(total, procs):
+    """Under torchrun rank 0's figure is everyone's."""
+    if procs.ddp:
+        total_t = torch.tensor([total], dtype=torch.int64)
+        dist.broadcast(total_t, src=0, group=procs.group)
+        total = int(total_t[0])
+    return total
+
+
 def fit_budget(opt, n_batches, procs, started, measure_costs, evaluates):
-    """Turn --budget into opt.budget_iters and opt.n_epochs, once, at the start of a run; they
-    are saved with the arguments in last.pt, so a resumed run keeps them. A time budget is
-    the wall time of the whole run, less what has been spent since `started`: iterations at
-    the measured speed plus the evaluations --eval_interval asks for. Under torchrun rank 0's
-    figure is everyone's. `measure_costs(seconds)`: the script's (seconds per iteration, seconds
-    per evaluation), measured for about `seconds`; `evaluates`: whether the run evaluates."""
+    """Turn --budget into opt.budget_iters and opt.n_epochs at the start of a run; they are
+    saved with the arguments in last.pt, so a resumed run keeps them. A time budget is the
+    wall time of the whole run, less what has been spent since `started`: iterations at the
+    measured speed plus the evaluations --eval_interval asks for. `measure_costs(seconds)`: the
+    script's (seconds per iteration, seconds per evaluation), measured for about `seconds`;
+    `evaluates`: whether the run evaluates. Returns the seconds per evaluation (for
+    replan_budget; 0 for a number of iterations)."""
     kind, amount = parse_budget(opt.budget)
+    eval_s = 0.0
     if kind == "iterations":
         total = amount
     else:
@@ -441,21 +465,55 @@ def fit_budget(opt, n_batches, procs, started, measure_costs, evaluates):
                   + (", then one evaluation of both generators (its first also takes the test images' FID features)"
                      if evaluates else "") + " ...")
         step_s, eval_s = measure_costs(seconds)
-        left = amount - (time.time() - started)
-        total = max(0, int(left / step_s))
-        for _ in range(5):  # evaluations take time from iterations, and fewer iterations may need fewer evaluations
-            total = max(0, int((left - n_evaluations(opt, total, n_batches) * eval_s) / step_s))
+        total = iterations_within(amount - (time.time() - started), step_s, eval_s, opt, n_batches)
         if total < 1:
             die(f"--budget {opt.budget}: too short here for one iteration ({step_s:.2f} s) and the evaluations "
                 f"({eval_s:.0f} s each); give more time, or a number of iterations")
         if procs.master:
             print(f"--budget {opt.budget}: {step_s:.3f} s per iteration" + (f" and {eval_s:.0f} s per evaluation" if eval_s else "")
                   + f" on this machine: {total} iterations ({total / n_batches:.1f} epochs)")
-    if procs.ddp:
-        total_t = torch.tensor([total], dtype=torch.int64)
-        dist.broadcast(total_t, src=0, group=procs.group)
-        total = int(total_t[0])
+    opt.budget_iters = agree_on(total, procs)
+    opt.n_epochs = math.ceil(opt.budget_iters / n_batches)
+    return eval_s
+
+
+REPLAN_AT = (0.05, 0.2, 0.4)  # fractions of a time budget's planned iterations
+
+
+def replan_points(opt, resume_state):
+    """The iterations after which a time budget is planned again from the run's own speed:
+    a few seconds' measurement at the start can be off by half (another process starting
+    beside it, a first minute that runs slower or faster), and a run should end when its
+    budget does. Only before the learning rate starts to fall (the plan moves where it falls,
+    and a decay already under way would jump) and only in a run that started here, whose
+    start time it knows; a resumed run keeps the plan in its last.pt."""
+    if opt.budget is None or resume_state is not None or parse_budget(opt.budget)[0] != "seconds":
+        return set()
+    return {round(f * opt.budget_iters) for f in REPLAN_AT if 0 < f < 1 - opt.decay_fraction}
+
+
+def replan_budget(opt, done, n_batches, procs, started, loop_started, eval_s, schedulers, log, now):
+    """After `done` iterations of this run (started at `started`, its loop at `loop_started`):
+    opt.budget_iters and opt.n_epochs from the speed of those iterations, so that the whole
+    run takes --budget; the learning-rate schedules follow the new length. Not once the
+    decay has begun (an earlier plan may have moved it before this point)."""
+    if done >= (1 - opt.decay_fraction) * opt.budget_iters:
+        return
+    evaluated = (done // n_batches) // opt.eval_interval if opt.eval_interval > 0 else 0
+    step_s = max(1e-9, (now - loop_started - evaluated * eval_s) / done)
+    seconds = parse_budget(opt.budget)[1] - (now - started)
+    total = done + iterations_within(seconds, step_s, eval_s, opt, n_batches, done, evaluated)
+    total = agree_on(max(total, done + 1), procs)
+    if total == opt.budget_iters:
+        return
+    if procs.master:
+        print(f"--budget {opt.budget}: {step_s:.3f} s per iteration over this run's first {done}: "
+              f"{total} iterations ({total / n_batches:.1f} epochs) instead of {opt.budget_iters}")
     opt.budget_iters, opt.n_epochs = total, math.ceil(total / n_batches)
+    for scheduler in schedulers.values():
+        scheduler.lr_lambdas = [BudgetLR(total, opt.warmup, opt.decay_fraction).step for _ in scheduler.lr_lambdas]
+    if log is not None:
+        log.set_total(total)
 
 
 # -----------------------------------------------------------------------------
@@ -728,8 +786,9 @@ def train(opt, resume_state, model_dir, started, algorithm):
         print(f"{model_dir}: {start} (pid {os.getpid()}), {len(dataset.files_A)} A / {len(dataset.files_B)} B images")
     fixed_A, fixed_B = (x.to(device) for x in fixed_samples(data_root, opt.img_height, opt.img_width, opt.channels))
     evaluator = build_evaluator(opt, data_root, device) if procs.master else None
+    eval_s = 0.0
     if opt.budget is not None and resume_state is None:
-        fit_budget(opt, n_batches, procs, started, partial(measure_costs, opt, algorithm, dataset, device, autocast, scaler, evaluator),
+        eval_s = fit_budget(opt, n_batches, procs, started, partial(measure_costs, opt, algorithm, dataset, device, autocast, scaler, evaluator),
                    evaluator is not None)
     nets, ema = algorithm.build_networks(opt, device)
     optimizers, schedulers = algorithm.build_optimizers(opt, nets, device)
@@ -746,17 +805,18 @@ def train(opt, resume_state, model_dir, started, algorithm):
     report = start_report(opt, device, dataset, n_batches, training, model_dir, procs, evaluator, algorithm)
 
     start_epoch, start_batch = training.epoch, training.batch
-    last_iteration = total_iterations(opt, n_batches) - 1
+    replan_at, loop_started = replan_points(opt, resume_state), time.time()
     # (the data workers ignore SIGTERM, see ignore_stop_signals, so they are stopped here rather
     # than left to the interpreter's exit, whose SIGTERM they would not hear)
     try:
-        for epoch in range(start_epoch, opt.n_epochs):
+        epoch = start_epoch
+        while epoch < opt.n_epochs:  # (--budget may move the end, see replan_budget)
             first = start_batch if epoch == start_epoch else 0
             sampler.set_epoch(epoch)
             sampler.set_start(first * opt.batch_size)
             for i, batch in enumerate(batches_or_die(dataloader, dataset, report), start=first):
                 iteration = epoch * n_batches + i
-                if iteration > last_iteration:  # --budget: the last epoch ends early
+                if iteration >= total_iterations(opt, n_batches):  # --budget: the last epoch ends early
                     break
                 if any(batch["bad"]):
                     unreadable.add(batch["bad"])
@@ -766,6 +826,9 @@ def train(opt, resume_state, model_dir, started, algorithm):
                 losses = algorithm.step(opt, real_A, real_B, step_nets, optimizers, buffers, autocast, scaler)
                 if ema:
                     update_ema(ema, nets, ema_decay(opt.ema, iteration))
+                if iteration + 1 in replan_at:
+                    replan_budget(opt, iteration + 1, n_batches, procs, started, loop_started, eval_s, schedulers,
+                                  report.log if procs.master else None, time.time())
                 if opt.budget is not None:
                     for scheduler in schedulers.values():
                         scheduler.step()
@@ -774,12 +837,13 @@ def train(opt, resume_state, model_dir, started, algorithm):
                     report.log.add(epoch, i, iteration, losses, lr)
                     if every(opt.sample_interval, iteration):
                         show_samples(report, fixed_A, fixed_B, training.published(), autocast, opt, iteration)
-                if every(opt.save_latest_interval, iteration + 1) and iteration < last_iteration:
+                if every(opt.save_latest_interval, iteration + 1) and iteration + 1 < total_iterations(opt, n_batches):
                     save_last(training, report, model_dir, iteration, procs)
                 if stop.agreed():
                     stop_after_signal(training, report, model_dir, iteration, procs, stop.signum)
             training.epoch, training.batch = epoch + 1, 0
             end_of_epoch(training, report, model_dir, n_batches, device, procs)
+            epoch += 1
     finally:
         stop_workers(dataloader)
 

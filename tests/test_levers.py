@@ -5,6 +5,7 @@ with them writes. (The identity start, the generator's width and the smaller
 discriminators are checked in test_models.py; exact resume with every lever on in
 test_resume.py.) With every lever off the seed's behaviour is what the equivalence and
 seed-compatibility tests check, unchanged."""
+import argparse
 import math
 import os
 
@@ -14,6 +15,7 @@ import torch
 import augment
 import cyclegan
 import models
+import training
 import utils
 from conftest import fp32, make_data, make_buffers, make_nets, make_opts, run_cli
 
@@ -241,7 +243,7 @@ def test_an_iteration_budget_ends_mid_epoch_with_the_final_saves_and_the_lr_at_z
     assert lrs == pytest.approx([2e-4 * min(1.0, (7 - k) / round(0.5 * 7)) for k in range(7)])
 
 
-def test_a_time_budget_is_turned_into_iterations_once_and_recorded(tmp_path):
+def test_a_time_budget_is_turned_into_iterations_and_recorded(tmp_path):
     make_data(tmp_path / "data" / "tiny", n_test=1)
     r = run_cli(SCRIPT, *fp32([*TINY, "--budget", "8s", "--log_interval", "1"]), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -249,6 +251,35 @@ def test_a_time_budget_is_turned_into_iterations_once_and_recorded(tmp_path):
     models_dir = tmp_path / "saved_models" / "tiny"
     last = load(models_dir / "last.pt")
     total = last["args"]["budget_iters"]
-    assert total >= 1 and f": {total} iterations" in r.stdout
+    # the last plan printed (the first, or a re-plan from the run's own speed) is the one kept and run
+    plans = [line for line in r.stdout.splitlines() if line.startswith("--budget 8s:") and " iterations (" in line]
+    assert total >= 1 and plans and f": {total} iterations" in plans[-1]
     assert logged(models_dir) == list(range(total))
     assert last["epoch"] * 4 + last["batch"] == 4 * last["args"]["n_epochs"]
+
+
+def test_a_time_budget_is_planned_again_from_the_runs_own_speed():
+    """replan_budget on a made-up clock: 10 s before the loop, then 100 iterations in 10 s, of
+    which one evaluation (every 2 epochs of 30 batches) took 5: 0.05 s per iteration. The most
+    iterations whose steps and evaluations fit the 40 s left, by brute force."""
+    opt = argparse.Namespace(budget="60s", budget_iters=1000, n_epochs=34, warmup=0.0, decay_fraction=0.5, eval_interval=2)
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, utils.BudgetLR(1000, 0.0, 0.5).step)
+    procs = argparse.Namespace(ddp=False, master=False)
+    training.replan_budget(opt, 100, 30, procs, started=0.0, loop_started=10.0, eval_s=5.0,
+                           schedulers={"optimizer_G": scheduler}, log=None, now=20.0)
+
+    def fits(more):
+        evaluations = math.ceil(math.ceil((100 + more) / 30) / 2) - 1  # every second epoch and after the last, less the one done
+        return more * 0.05 + evaluations * 5.0 <= 40.0
+    expected = 100 + max(more for more in range(2000) if fits(more))
+    assert opt.budget_iters == expected and opt.n_epochs == math.ceil(expected / 30)
+    budget_lr = scheduler.lr_lambdas[0]  # the schedule follows: constant to half way, then down to 0 at the new end
+    assert budget_lr(expected // 2 - 1) == 1.0
+    assert budget_lr(expected - 1) == pytest.approx(1 / round(0.5 * expected)) and budget_lr(expected) == 0.0
+
+    # a run on schedule (no evaluations, 0.1 s per iteration, 500 planned, 40 s left after 100) keeps its plan
+    opt = argparse.Namespace(budget="60s", budget_iters=500, n_epochs=17, warmup=0.0, decay_fraction=0.5, eval_interval=0)
+    lambdas = scheduler.lr_lambdas
+    training.replan_budget(opt, 100, 30, procs, 0.0, 10.0, 0.0, {"optimizer_G": scheduler}, None, now=20.0)
+    assert (opt.budget_iters, opt.n_epochs) == (500, 17) and scheduler.lr_lambdas is lambdas
