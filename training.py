@@ -98,8 +98,9 @@ def add_training_args(p):
                         f"{', '.join(DIFFAUG_POLICIES)}; empty: off")
     p.add_argument("--budget", type=str, default=None,
                    help="train for this long (90s, 45min, 1.5h: turned into iterations from this machine's speed, "
-                        "planned again from the run's own speed at 5, 20 and 40%% of it, and recorded in last.pt) or this many iterations, with the learning rate of --warmup and "
-                        "--decay_fraction over it (instead of --n_epochs and --decay_epoch)")
+                        "planned again from the run's own speed at 5, 20 and 40%% of it, and recorded in last.pt) "
+                        "or this many iterations, with the learning rate of --warmup and --decay_fraction over it "
+                        "(instead of --n_epochs and --decay_epoch)")
     p.add_argument("--warmup", type=float, default=0.0, help="with --budget: fraction of the run over which the learning rate rises linearly from 0")
     p.add_argument("--decay_fraction", type=float, default=0.5, help="with --budget: last fraction of the run over which the learning rate falls linearly to 0")
     add_device_args(p)
@@ -788,8 +789,9 @@ def train(opt, resume_state, model_dir, started, algorithm):
     evaluator = build_evaluator(opt, data_root, device) if procs.master else None
     eval_s = 0.0
     if opt.budget is not None and resume_state is None:
-        eval_s = fit_budget(opt, n_batches, procs, started, partial(measure_costs, opt, algorithm, dataset, device, autocast, scaler, evaluator),
-                   evaluator is not None)
+        eval_s = fit_budget(opt, n_batches, procs, started,
+                            partial(measure_costs, opt, algorithm, dataset, device, autocast, scaler, evaluator),
+                            evaluator is not None)
     nets, ema = algorithm.build_networks(opt, device)
     optimizers, schedulers = algorithm.build_optimizers(opt, nets, device)
     buffers = algorithm.build_buffers(opt, procs.rank)
