@@ -95,10 +95,10 @@ class ResizeCover:
         return TF.resize(img, [max(self.min_h, math.ceil(h * scale)), max(self.min_w, math.ceil(w * scale))], self.interpolation)
 
 
-def train_transforms(img_height, img_width):
-    # The seed's augmentation: shorter side to 1.12x, random crop, random flip.
+def train_transforms(img_height, img_width, load_size=None):
+    # The seed's augmentation: shorter side to 1.12x (or load_size), random crop, random flip.
     return [
-        ResizeCover(int(img_height * 1.12), img_height, img_width),
+        ResizeCover(load_size or int(img_height * 1.12), img_height, img_width),
         transforms.RandomCrop((img_height, img_width)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),

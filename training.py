@@ -80,6 +80,10 @@ def add_training_args(p):
                    help="discriminator patch size: 94 is the seed's (4th conv stride 2), 70 the paper's PatchGAN, 34 and 16 "
                         "its smaller variants; auto: the one whose share of the crop is closest to the paper's 70/256")
     # levers for short runs and small images (README, "Quality"); their defaults are the seed's
+    p.add_argument("--load_size", type=int, default=None,
+                   help="the shorter side of a training image is resized to this before the random crop of "
+                        "--img_height x --img_width (default: 1.12 x --img_height, the seed's zoom); equal to "
+                        "--img_height, G trains at the scale it translates at, which matters for thin lines")
     p.add_argument("--ngf", type=int, default=64, help="generator width: channels of its first convolution")
     p.add_argument("--identity_start", action="store_true",
                    help="generators add their output to the input (a global skip) and start as the identity")
@@ -153,7 +157,8 @@ def check_flags(opt, script_ranges=()):
               ("n_residual_blocks", opt.n_residual_blocks >= 1, "at least 1"),  # test.py and export.py recognise a generator by its blocks
               ("log_interval", opt.log_interval >= 1, "at least 1"),
               ("seed", opt.seed is None or 0 <= opt.seed < 2**32, "between 0 and 2**32 - 1")]
-    ranges += [("ngf", opt.ngf >= 1, "at least 1"),
+    ranges += [("load_size", opt.load_size is None or opt.load_size >= 1, "at least 1"),
+               ("ngf", opt.ngf >= 1, "at least 1"),
                ("ema", 0 <= opt.ema < 1, "in [0, 1) (0 turns the average off)"),
                ("warmup", 0 <= opt.warmup <= 1, "in [0, 1]"),
                ("decay_fraction", 0 <= opt.decay_fraction <= 1, "in [0, 1]")]
@@ -365,7 +370,7 @@ def build_data(opt, device, procs):
     if procs.ddp:  # one process per machine generates it; the others wait for it
         dist.barrier(group=procs.group)
     try:
-        dataset = ImageDataset(data_root, train_transforms(opt.img_height, opt.img_width), unaligned=True, mode="train",
+        dataset = ImageDataset(data_root, train_transforms(opt.img_height, opt.img_width, opt.load_size), unaligned=True, mode="train",
                                channels=opt.channels, warn=procs.master)
     except FileNotFoundError as e:
         die(str(e))

@@ -544,3 +544,29 @@ def test_make_day2night_run_by_two_processes_at_once_gives_one_complete_dataset(
     assert {d: len(os.listdir(root / d)) for d in ("trainA", "trainB", "testA", "testB")} == \
         {"trainA": 30, "trainB": 30, "testA": 4, "testB": 4}
     assert os.listdir(tmp_path) == ["d2n"]  # no temporary folder left
+
+
+def test_load_size_of_the_crop_trains_at_the_images_own_scale(tmp_path, monkeypatch):
+    """--load_size equal to the crop: an image of that size reaches the model unresampled
+    (as it is or mirrored, the seed's random flip), where the seed's 1.12x zoom changes it;
+    the flag goes from the command line to the training set."""
+    import cyclegan
+    import training
+    from types import SimpleNamespace
+    pixels = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for domain in ("trainA", "trainB"):
+        os.makedirs(tmp_path / "data" / "one" / domain)
+        Image.fromarray(pixels).save(tmp_path / "data" / "one" / domain / "x.png")
+    as_is = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
+    monkeypatch.chdir(tmp_path)  # (the run's folders are checked where it runs)
+    opt, _ = cyclegan.parse_args(["--dataset_name", "one", "--data_root", str(tmp_path / "data" / "one"),
+                                  "--img_height", "32", "--img_width", "32", "--load_size", "32", "--seed", "0",
+                                  "--n_cpu", "0", "--amp", "none"])
+    assert opt.load_size == 32
+    procs = SimpleNamespace(local_rank=0, master=True, ddp=False, world_size=1, rank=0, group=None)
+    dataset = training.build_data(opt, torch.device("cpu"), procs)[1]
+    seen = [dataset[0]["A"] for _ in range(8)]
+    for x in seen:
+        assert torch.allclose(x, as_is, atol=1e-6) or torch.allclose(x, as_is.flip(-1), atol=1e-6)
+    zoomed = T.Compose(train_transforms(32, 32))(Image.fromarray(pixels))
+    assert not torch.allclose(zoomed, as_is, atol=0.05) and not torch.allclose(zoomed, as_is.flip(-1), atol=0.05)

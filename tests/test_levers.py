@@ -215,6 +215,7 @@ def test_budget_reads_times_and_iteration_counts(text, parsed):
     (["--diffaug", "color,zoom"], "--diffaug: unknown policy zoom"),
     (["--ema", "1"], "--ema must be in [0, 1)"),
     (["--ngf", "0"], "--ngf must be at least 1"),
+    (["--load_size", "0"], "--load_size must be at least 1"),
 ])
 def test_bad_lever_flags_give_one_line(tmp_path, main_in_process, args, message):
     code, _, err = main_in_process(tmp_path, *TINY, *args)
