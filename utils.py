@@ -4,6 +4,7 @@ learning-rate decay, the atomic, safe checkpoint I/O every script uses, the full
 training state that --resume continues from, the stop signal, the run folder's lock, the
 choice of device and precision, and output that reaches a log file line by line.
 """
+import argparse
 import os
 import pickle
 import platform
@@ -505,6 +506,16 @@ PRECISIONS = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --
 def precision_name(dtype):
     """'bf16' or 'fp16' for an autocast dtype, 'fp32' for None (no autocast)."""
     return next((name for name, d in PRECISIONS.items() if d is not None and d == dtype), "fp32")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where the help text already says it or there
+    is none to show (argparse would print "(default: None)" after "(default: data/<name>)")."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_device_args(parser, amp_default="auto", amp_note=""):

@@ -473,6 +473,26 @@ def test_every_computing_script_declares_the_same_device_and_precision_flags():
             assert module.get_parser().parse_args(args + ["--amp", value]).amp == value
 
 
+def test_help_shows_a_default_once_and_never_none():
+    """Each script's --help ends a flag's text with its default, but not "(default: None)",
+    and not a second default where the text already gives one in words."""
+    import bench
+    import cut
+    import cyclegan
+    import evaluate
+    import export
+    from conftest import translate_script as load_translate_script
+    for module in (cyclegan, cut, load_translate_script(), evaluate, export, bench):
+        text = " ".join(module.get_parser().format_help().split())
+        assert "(default: None)" not in text, module.__name__
+    cyclegan_help = " ".join(cyclegan.get_parser().format_help().split())
+    assert "adam: learning rate (default: 0.0002)" in cyclegan_help  # the seed's value, from argparse
+    data_root = cyclegan_help.split("--data_root DATA_ROOT")[-1].split(" --")[0]  # its line under options
+    assert data_root.count("default") == 1 and "data/<dataset_name>" in data_root
+    evaluate_help = " ".join(evaluate.get_parser().format_help().split())
+    assert "--amp {auto,none,bf16,fp16}" in evaluate_help and "(default: none)" in evaluate_help
+
+
 def test_a_signal_that_arrives_during_the_stop_all_reduce_is_honoured_after_the_next_batch(monkeypatch):
     """Under DDP agreed() sends this process's flag and waits in an all-reduce; a signal handled
     while it waits missed that flag, so all processes agree to go on this time, and must agree
