@@ -92,11 +92,11 @@ def build_networks(opt, device):
     projection head, sized by the features G's PatchNCE layers give), and with --ema G_AB's
     averaged copy."""
     input_shape = (opt.channels, opt.img_height, opt.img_width)
-    G = GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start)
+    G = GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start, opt.warp)
     nets = {"G_AB": G, "D_B": build_discriminator(opt, efficientnet_lite0() if "projected" in opt.netD else None)}
     for net in nets.values():
         net.apply(weights_init_normal)
-    if opt.identity_start:
+    if G.identity_start:
         G.start_as_identity()
     with torch.no_grad():
         features = G(torch.zeros(1, *input_shape[:1], 32, 32), G.nce_layers(), encode_only=True)

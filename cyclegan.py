@@ -68,12 +68,12 @@ def build_networks(opt, device):
     """The four networks, initialised as the seed does (then, with --identity_start, the
     generators made the identity), and with --ema the generators' averaged copies."""
     input_shape = (opt.channels, opt.img_height, opt.img_width)
-    nets = {name: GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start) for name in ("G_AB", "G_BA")}
+    nets = {name: GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start, opt.warp) for name in ("G_AB", "G_BA")}
     backbone = efficientnet_lite0() if "projected" in opt.netD else None  # frozen: D_A and D_B share it
     nets.update({name: build_discriminator(opt, backbone) for name in ("D_A", "D_B")})
     for name, net in nets.items():
         net.apply(weights_init_normal)
-        if name.startswith("G") and opt.identity_start:
+        if name.startswith("G") and net.identity_start:
             net.start_as_identity()
     nets = {name: net.to(device) for name, net in nets.items()}
     ema = {name: copy.deepcopy(nets[name]).requires_grad_(False) for name in ("G_AB", "G_BA")} if opt.ema > 0 else {}

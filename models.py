@@ -60,11 +60,19 @@ class GeneratorResNet(nn.Module):
     budgets. With identity_start the output is the input plus what the network adds
     (a global skip, in place of the final tanh), and start_as_identity() zeroes the last
     convolution, so that training starts from G(x) = x rather than from noise. A buffer
-    `global_skip` marks such weights, so that loading them builds the same forward pass."""
+    `global_skip` marks such weights, so that loading them builds the same forward pass.
 
-    def __init__(self, input_shape, num_residual_blocks, ngf=64, identity_start=False):
+    With warp (which implies identity_start) a small head on the residual blocks' output
+    (at a quarter of the resolution, where each position sees most of a small image) gives a
+    displacement field in pixels, upsampled bilinearly: the output is the input resampled
+    along it, plus the colour residual. A convolutional generator moves an edge only by
+    repainting both sides of it; a redrawing that changes shapes (a flag that waves) is a
+    small smooth field. Its keys are `flow.*`; start_as_identity() zeroes it too."""
+
+    def __init__(self, input_shape, num_residual_blocks, ngf=64, identity_start=False, warp=False):
         super().__init__()
         channels = input_shape[0]
+        identity_start = identity_start or warp
         # The 7x7 convolutions need a padding of 3 to keep the size. The seed padded
         # by `channels`, which is 3 only for RGB and breaks grayscale models.
         model = [
@@ -83,6 +91,9 @@ class GeneratorResNet(nn.Module):
             ]
             in_features = out_features
         model += [ResidualBlock(in_features) for _ in range(num_residual_blocks)]
+        self.bottleneck = len(model) - 1
+        if warp:
+            self.flow = nn.Conv2d(in_features, 2, 3, padding=1)
         for _ in range(2):  # upsampling: nearest x2 then conv, as the seed
             out_features = in_features // 2
             model += [
@@ -95,31 +106,42 @@ class GeneratorResNet(nn.Module):
         # (Identity keeps the tanh's index, so both variants have the same keys)
         model += [nn.ReflectionPad2d(3), nn.Conv2d(in_features, channels, 7), nn.Identity() if identity_start else nn.Tanh()]
         self.model = nn.Sequential(*model)
-        self.identity_start = identity_start
+        self.identity_start, self.warp = identity_start, warp
         if identity_start:
             self.register_buffer("global_skip", torch.ones(()))
 
+    flow_pixels = 1.0  # pixels per unit of the field's output: at 4 (a larger step) it tore the emoji apart (README Quality)
+
     def start_as_identity(self):
         """Zero the last convolution: with the global skip, G(x) = x exactly."""
-        nn.init.zeros_(self.model[-2].weight)
-        nn.init.zeros_(self.model[-2].bias)
+        for conv in (self.model[-2], self.flow) if self.warp else (self.model[-2],):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x, layers=None, encode_only=False):
         """The translation of x; with `layers` (indices into self.model, ascending), also the
         outputs of those layers (the encoder features CUT's PatchNCE compares: see
         nce_layers), as (translation, features), or, with encode_only, the features alone,
         computed only as far as the last of them."""
-        if layers is None:
-            y = self.model(x)
-            return x + y if self.identity_start else y
-        features, y = [], x
+        if layers is None and not self.warp:
+            return self.output(x, self.model(x))
+        features, y, bottleneck = [], x, None
         for index, layer in enumerate(self.model[:layers[-1] + 1] if encode_only else self.model):
             y = layer(y)
-            if index in layers:
+            if index in (layers or ()):
                 features.append(y)
+            if index == self.bottleneck:
+                bottleneck = y
         if encode_only:
             return features
-        return (x + y if self.identity_start else y), features
+        out = self.output(x, y, bottleneck)
+        return out if layers is None else (out, features)
+
+    def output(self, x, y, bottleneck=None):
+        if self.warp:
+            flow = F.interpolate(self.flow(bottleneck), size=x.shape[2:], mode="bilinear", align_corners=False)
+            x = warp(x, flow * self.flow_pixels)
+        return x + y if self.identity_start else y
 
     def nce_layers(self):
         """The layers CUT's PatchNCE taps: the official 0, 4, 8, 12, 16 of its 9-block generator
@@ -129,6 +151,17 @@ class GeneratorResNet(nn.Module):
         first_block = 10  # pad, conv, norm, relu, then (conv, norm, relu) x 2
         n_blocks = sum(isinstance(m, ResidualBlock) for m in self.model)
         return sorted({0, 4, 7, first_block, first_block + min(5, n_blocks) - 1})
+
+
+def warp(x, flow):
+    """x resampled at each pixel's position plus `flow` ((N, 2, H, W): x and y, in pixels),
+    bilinearly, the border repeated beyond the edges. In fp32: the positions need it."""
+    h, w = x.shape[2:]
+    # grid_sample's positions run from -1 to 1 across the image: pixel i of n is at 2i/(n-1) - 1
+    xs = (torch.arange(w, device=x.device) + flow[:, 0].float()) * (2 / (w - 1)) - 1
+    ys = (torch.arange(h, device=x.device)[:, None] + flow[:, 1].float()) * (2 / (h - 1)) - 1
+    grid = torch.stack([xs, ys], dim=-1)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=True).to(x.dtype)
 
 
 class PatchProjection(nn.Module):
@@ -449,7 +482,7 @@ def generator_config(state_dict):
         raise ValueError("not a CycleGAN ResNet generator state_dict (no residual block keys)")
     n_blocks = len({k.split(".")[1] for k in keys if f".{block}." in k})
     first = state_dict["model.1.weight"]
-    last_conv = max((k for k in keys if k.endswith(".weight")), key=lambda k: int(k.split(".")[1]))
+    last_conv = max((k for k in keys if k.startswith("model.") and k.endswith(".weight")), key=lambda k: int(k.split(".")[1]))
     return arch, first.shape[1], state_dict[last_conv].shape[0], n_blocks
 
 
@@ -484,7 +517,7 @@ def build_generator(state_dict):
         if c_in != c_out:
             raise ValueError(f"seed-layout generator with {c_in} input and {c_out} output channels")
         G = GeneratorResNet((c_in, 0, 0), n_blocks, ngf=state_dict["model.1.weight"].shape[0],
-                            identity_start="global_skip" in state_dict)
+                            identity_start="global_skip" in state_dict, warp="flow.weight" in state_dict)
     G.load_state_dict(state_dict, strict=True)
     return G
 

@@ -87,6 +87,9 @@ def add_training_args(p):
     p.add_argument("--ngf", type=int, default=64, help="generator width: channels of its first convolution")
     p.add_argument("--identity_start", action="store_true",
                    help="generators add their output to the input (a global skip) and start as the identity")
+    p.add_argument("--warp", action="store_true",
+                   help="generators also move pixels: they output a displacement field along which the input is "
+                        "resampled before their colour change is added, so they can change shapes (implies --identity_start)")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="keep a moving average of the generators' weights (e.g. 0.999), which is what is saved as "
                         "G_*.pth, evaluated and sampled; last.pt keeps both; its first steps average over fewer "
