@@ -113,7 +113,8 @@ class GeneratorResNet(nn.Module):
     flow_pixels = 1.0  # pixels per unit of the field's output: at 4 (a larger step) it tore the emoji apart (README Quality)
 
     def start_as_identity(self):
-        """Zero the last convolution: with the global skip, G(x) = x exactly."""
+        """Zero the last convolution (and the field's head): with the global skip, G(x) = x
+        exactly (with warp, to the rounding of the resampling positions)."""
         for conv in (self.model[-2], self.flow) if self.warp else (self.model[-2],):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
