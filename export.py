@@ -28,8 +28,9 @@ CONTRACT = {
     "padding": "other sizes: pad right and bottom to the next multiple of 4 (at least 8) by reflection "
                "(by replication for images too small to reflect), run, crop the output back to the "
                "input's size (models.translate)",
-    "output": "translated: float32, NCHW, C = {channels_out}, same height and width as image, tanh output in [-1, 1]: "
-              "pixel = round((y + 1) / 2 * 255)",
+    "output": "translated: float32, NCHW, C = {channels_out}, same height and width as image, in [-1, 1] (a tanh's; "
+              "generators trained with --identity_start have none and can overshoot): "
+              "pixel = round((y + 1) / 2 * 255), y clipped to [-1, 1] first",
 }
 
 

@@ -102,7 +102,7 @@ def test_onnx_metadata_states_input_range_padding_and_output_mapping(exported):
     assert "[-1, 1]" in meta["input"] and "NCHW" in meta["input"] and "RGB" in meta["input"]
     assert "multiples of 4" in meta["size"]
     assert "reflection" in meta["padding"] and "crop" in meta["padding"]
-    assert "(y + 1) / 2" in meta["output"]
+    assert "(y + 1) / 2" in meta["output"] and "clipped to [-1, 1]" in meta["output"]
     assert meta["architecture"].startswith(arch) and "1 residual block" in meta["architecture"]
     assert meta["source"] == ckpt.name
 
