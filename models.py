@@ -126,10 +126,10 @@ class GeneratorResNet(nn.Module):
         computed only as far as the last of them."""
         if layers is None and not self.warp:
             return self.output(x, self.model(x))
-        features, y, bottleneck = [], x, None
+        taps, features, y, bottleneck = layers or (), [], x, None
         for index, layer in enumerate(self.model[:layers[-1] + 1] if encode_only else self.model):
             y = layer(y)
-            if index in (layers or ()):
+            if index in taps:
                 features.append(y)
             if index == self.bottleneck:
                 bottleneck = y

@@ -97,6 +97,25 @@ def test_a_run_with_ema_publishes_the_average_and_keeps_both_in_last_pt(tmp_path
 
 
 # -----------------------------------------------------------------------------
+# --warp through the scripts
+
+@pytest.mark.parametrize("script", ["cyclegan", "cut"])
+def test_warp_alone_builds_generators_with_a_field_that_start_as_the_identity(script):
+    import cut
+    module = {"cyclegan": cyclegan, "cut": cut}[script]
+    opt = module.get_parser().parse_args(["--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1",
+                                          "--ngf", "8", "--warp"])  # no --identity_start: --warp implies it
+    torch.manual_seed(0)
+    nets, _ = module.build_networks(opt, torch.device("cpu"))
+    x = torch.rand(2, opt.channels, 32, 32) * 2 - 1
+    generators = [name for name in nets if name.startswith("G")]
+    assert generators and all(hasattr(nets[g], "flow") for g in generators)
+    for g in generators:
+        with torch.no_grad():
+            torch.testing.assert_close(nets[g].eval()(x), x, rtol=0, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
 # DiffAugment
 
 def shifted(x, dy, dx):
