@@ -31,12 +31,12 @@ import statistics
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
 import cut
 import cyclegan
+import gan
 import training
 from augment import DIFFAUG_POLICIES
 from utils import HelpFormatter, die, pick_device, pick_precision, precision_name, print_lines_as_they_come
@@ -56,9 +56,8 @@ def get_parser():
     p.add_argument("--ngf", type=int, default=64, help="as cyclegan.py's --ngf")
     p.add_argument("--d_receptive_field", type=training.receptive_field_arg, default=94, choices=training.RECEPTIVE_FIELD_CHOICES,
                    help="as cyclegan.py's")
-    p.add_argument("--warp", action="store_true", help="as cyclegan.py's: generators that also output a displacement field")
-    p.add_argument("--netD", default="patch", choices=training.NETDS, metavar="KIND", help="as cyclegan.py's")
-    p.add_argument("--gan_mode", default="lsgan", choices=training.GAN_MODES, help="as cyclegan.py's")
+    p.add_argument("--netD", default="patch", choices=gan.NETDS, metavar="KIND", help="as cyclegan.py's")
+    p.add_argument("--gan_mode", default="lsgan", choices=gan.GAN_MODES, help="as cyclegan.py's")
     p.add_argument("--diffaug", default="", metavar="POLICY", help="as cyclegan.py's (e.g. color,translation,cutout)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="as cyclegan.py's --amp")
@@ -125,9 +124,9 @@ def build_step(opt, device):
         script, train_opt = cut, cut.apply_mode(cut.get_parser().parse_args(["--mode", opt.model]))
     train_opt.img_height = train_opt.img_width = opt.img_size
     train_opt.n_residual_blocks, train_opt.amp, train_opt.compile = opt.n_residual_blocks, opt.amp, opt.compile
-    train_opt.ngf, train_opt.d_receptive_field, train_opt.warp = opt.ngf, opt.d_receptive_field, opt.warp
+    train_opt.ngf, train_opt.d_receptive_field = opt.ngf, opt.d_receptive_field
     train_opt.netD, train_opt.gan_mode, train_opt.diffaug = opt.netD, opt.gan_mode, opt.diffaug
-    procs = SimpleNamespace(ddp=False, master=True)  # one process, which prints
+    procs = training.Processes()  # one process, which prints
     torch.manual_seed(0)
     nets, _ = script.build_networks(train_opt, device)
     memory_format = torch.channels_last if opt.channels_last else torch.contiguous_format
@@ -167,7 +166,7 @@ def profile_step(step, device, top=15):
 
 def step_description(opt):
     """'cyclegan, 1 residual blocks, ngf 64, D patch 94, lsgan' (and the DiffAugment policy, when on)."""
-    return (f"{opt.model}, {opt.n_residual_blocks} residual blocks, ngf {opt.ngf}{', warp' if opt.warp else ''}, D {opt.netD.replace('patch', f'patch {opt.d_receptive_field}')}, "
+    return (f"{opt.model}, {opt.n_residual_blocks} residual blocks, ngf {opt.ngf}, D {opt.netD.replace('patch', f'patch {opt.d_receptive_field}')}, "
             f"{opt.gan_mode}" + (f", diffaug {opt.diffaug}" if opt.diffaug else ""))
 
 
@@ -199,7 +198,7 @@ def row_argv(opt, row):
     """This command for one row: the flags given, with the row's options in place of the default's."""
     argv = [f"--model={opt.model}", f"--img_size={opt.img_size}", f"--batch_size={opt.batch_size}", f"--n_residual_blocks={opt.n_residual_blocks}",
             f"--ngf={opt.ngf}", f"--d_receptive_field={opt.d_receptive_field}", f"--netD={opt.netD}", f"--gan_mode={opt.gan_mode}",
-            f"--diffaug={opt.diffaug}", *(["--warp"] if opt.warp else []),
+            f"--diffaug={opt.diffaug}",
             f"--device={opt.device}", f"--iters={opt.iters}", f"--warmup={opt.warmup}"] + (["--profile"] if opt.profile else [])
     options = [] if row == "default" else row.split("+")
     amp = next((ROW_OPTIONS[o][1] for o in options if o in ("fp32", "bf16", "fp16")), opt.amp)

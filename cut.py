@@ -10,7 +10,7 @@ input's other patches, so the content stays where it was while the GAN loss chan
     torchrun --standalone --nproc_per_node=4 cut.py --dataset_name horse2zebra
 
 It shares cyclegan.py's flags, data, --budget, evaluations, results page, --resume, signals
-and DDP (the loop is training.py's). It writes saved_models/<dataset>/G_AB_<epoch>.pth (A -> B,
+and DDP (the loop is training.py's, the GAN pieces gan.py's). It writes saved_models/<dataset>/G_AB_<epoch>.pth (A -> B,
 for test.py, evaluate.py and export.py, as a CycleGAN generator), D_B_<epoch>.pth and
 F_<epoch>.pth (the projection head), and its own last.pt.
 """
@@ -23,17 +23,17 @@ from contextlib import nullcontext
 if __name__ == "__main__" and os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(sys.argv[1:]):
     # importing PyTorch takes seconds on a small CPU: a log file says at once that the run began
     print(f"cut.py: started (pid {os.getpid()}); importing PyTorch ...", flush=True)
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 import training
 from augment import diff_augment
+from gan import (ReplayBuffer, adam_options, backward_step, build_discriminator, gan_loss, lr_schedulers,
+                 set_requires_grad, split_batch)
 from models import GeneratorResNet, PatchProjection, efficientnet_lite0, weights_init_normal
-from training import (adam_options, add_training_args, backward_step, build_discriminator, gan_loss, lr_schedulers,
-                      set_requires_grad, split_batch)
-from utils import HelpFormatter, ReplayBuffer
+from training import Algorithm, add_training_args
+from utils import HelpFormatter
 
 # What train_step returns, in the order of log.csv's columns.
 LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_NCE", "loss_NCE_Y")
@@ -46,6 +46,7 @@ MODES = {"cut": dict(lambda_NCE=1.0, nce_idt=True, flip_equivariance=False),
 def get_parser():
     p = argparse.ArgumentParser(description="Train CUT or FastCUT.", formatter_class=HelpFormatter)
     add_training_args(p)  # cyclegan.py's flags, the levers, and what a run needs (training.py)
+    p.set_defaults(antialias=True, antialias_up=True)  # CUT's generator: both anti-aliased, as the official
     g = p.add_argument_group("CUT")
     g.add_argument("--mode", default="cut", choices=tuple(MODES), help="cut, or fastcut: the defaults of the flags below")
     g.add_argument("--lambda_GAN", type=float, default=1.0, help="GAN loss weight")
@@ -92,7 +93,8 @@ def build_networks(opt, device):
     projection head, sized by the features G's PatchNCE layers give), and with --ema G_AB's
     averaged copy."""
     input_shape = (opt.channels, opt.img_height, opt.img_width)
-    G = GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start, opt.warp)
+    G = GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start, opt.antialias,
+                        opt.antialias_up)
     nets = {"G_AB": G, "D_B": build_discriminator(opt, efficientnet_lite0() if "projected" in opt.netD else None)}
     for net in nets.values():
         net.apply(weights_init_normal)
@@ -210,8 +212,8 @@ def step(opt, real_A, real_B, nets, optimizers, buffers, autocast, scaler):
 
 # -----------------------------------------------------------------------------
 
-CUT = SimpleNamespace(name="CUT", build_networks=build_networks, build_optimizers=build_optimizers, build_buffers=build_buffers,
-                      step=step, loss_names=LOSS_NAMES)
+CUT = Algorithm(name="CUT", build_networks=build_networks, build_optimizers=build_optimizers,
+                build_buffers=build_buffers, step=step, loss_names=LOSS_NAMES)
 
 
 def main(argv=None):

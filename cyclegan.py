@@ -8,8 +8,8 @@ Train CycleGAN (Zhu et al. 2017) on two unpaired folders of images.
 Samples go to images/<dataset>/, weights to saved_models/<dataset>/{G_AB,G_BA,D_A,D_B}_<epoch>.pth
 (plain state_dicts, as the seed), and the full training state to saved_models/<dataset>/last.pt,
 from which --resume continues exactly. This file is the algorithm (its arguments, networks and
-step); training.py has the loop, and what it needs around it (run folder, processes, data,
---budget, saving and reporting), which cut.py shares.
+step); training.py has the loop that cut.py shares, gan.py the GAN pieces the step is
+written with.
 """
 import argparse
 import copy
@@ -20,18 +20,17 @@ from contextlib import nullcontext
 if __name__ == "__main__" and os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(sys.argv[1:]):
     # importing PyTorch takes seconds on a small CPU: a log file says at once that the run began
     print(f"cyclegan.py: started (pid {os.getpid()}); importing PyTorch ...", flush=True)
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 import training
 from augment import diff_augment
+from gan import (ReplayBuffer, adam_options, backward_step, build_discriminator, gan_loss, lr_schedulers,
+                 set_requires_grad, split_batch)
 from models import GeneratorResNet, efficientnet_lite0, weights_init_normal
-from training import RESUME_HARMLESS  # noqa: F401 (re-exported: what a --resume may change, as before the loop moved)
-from training import (adam_options, add_training_args, backward_step, build_discriminator, gan_loss, lr_schedulers,
-                      set_requires_grad, split_batch)
-from utils import HelpFormatter, ReplayBuffer
+from training import Algorithm, add_training_args
+from utils import HelpFormatter
 
 # What train_step returns, in the order of log.csv's columns.
 LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_cycle", "loss_identity", "loss_D_A", "loss_D_B")
@@ -68,7 +67,9 @@ def build_networks(opt, device):
     """The four networks, initialised as the seed does (then, with --identity_start, the
     generators made the identity), and with --ema the generators' averaged copies."""
     input_shape = (opt.channels, opt.img_height, opt.img_width)
-    nets = {name: GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start, opt.warp) for name in ("G_AB", "G_BA")}
+    nets = {name: GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start, opt.antialias,
+                                  opt.antialias_up)
+            for name in ("G_AB", "G_BA")}
     backbone = efficientnet_lite0() if "projected" in opt.netD else None  # frozen: D_A and D_B share it
     nets.update({name: build_discriminator(opt, backbone) for name in ("D_A", "D_B")})
     for name, net in nets.items():
@@ -82,7 +83,8 @@ def build_networks(opt, device):
 
 def build_optimizers(opt, nets, device):
     adam = dict(lr=opt.lr, betas=(opt.b1, opt.b2), **adam_options(device))
-    optimizers = {"optimizer_G": torch.optim.Adam(list(nets["G_AB"].parameters()) + list(nets["G_BA"].parameters()), **adam),
+    generators = list(nets["G_AB"].parameters()) + list(nets["G_BA"].parameters())
+    optimizers = {"optimizer_G": torch.optim.Adam(generators, **adam),
                   "optimizer_D_A": torch.optim.Adam(nets["D_A"].parameters(), **adam),
                   "optimizer_D_B": torch.optim.Adam(nets["D_B"].parameters(), **adam)}
     return optimizers, lr_schedulers(opt, optimizers)
@@ -97,8 +99,8 @@ def build_buffers(opt, rank):
 # -----------------------------------------------------------------------------
 # One training step
 
-def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambda_id=5.0, autocast=nullcontext(), scaler=None,
-               diffaug="", gan_mode="lsgan"):
+def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambda_id=5.0, autocast=nullcontext(),
+               scaler=None, diffaug="", gan_mode="lsgan"):
     """One CycleGAN iteration: the generators, then D_A, then D_B, in the seed's
     order and with its loss averaging. Returns the losses (LOSS_NAMES) as detached
     tensors: fetching them to the host is left to the caller, so nothing here syncs.
@@ -108,7 +110,8 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
     nets: {"G_AB", "G_BA", "D_A", "D_B"}; optimizers: {"optimizer_G", "optimizer_D_A",
     "optimizer_D_B"}; buffers: {"fake_A", "fake_B"} (ReplayBuffers of earlier fakes)."""
     G_AB, G_BA, D_A, D_B = nets["G_AB"], nets["G_BA"], nets["D_A"], nets["D_B"]
-    optimizer_G, optimizer_D_A, optimizer_D_B = optimizers["optimizer_G"], optimizers["optimizer_D_A"], optimizers["optimizer_D_B"]
+    optimizer_G, optimizer_D_A, optimizer_D_B = (optimizers[name] for name in ("optimizer_G", "optimizer_D_A",
+                                                                                 "optimizer_D_B"))
     fake_A_buffer, fake_B_buffer = buffers["fake_A"], buffers["fake_B"]
     n = real_A.size(0)
 
@@ -161,14 +164,14 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, lambd
 
 def step(opt, real_A, real_B, nets, optimizers, buffers, autocast, scaler):
     """train_step with this run's arguments: the step the loop in training.py calls."""
-    return train_step(real_A, real_B, nets, optimizers, buffers, opt.lambda_cyc, opt.lambda_id, autocast, scaler, opt.diffaug,
-                      opt.gan_mode)
+    return train_step(real_A, real_B, nets, optimizers, buffers, opt.lambda_cyc, opt.lambda_id, autocast, scaler,
+                      opt.diffaug, opt.gan_mode)
 
 
 # -----------------------------------------------------------------------------
 
-CYCLEGAN = SimpleNamespace(name="CycleGAN", build_networks=build_networks, build_optimizers=build_optimizers,
-                           build_buffers=build_buffers, step=step, loss_names=LOSS_NAMES)
+CYCLEGAN = Algorithm(name="CycleGAN", build_networks=build_networks, build_optimizers=build_optimizers,
+                     build_buffers=build_buffers, step=step, loss_names=LOSS_NAMES)
 
 
 def main(argv=None):

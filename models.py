@@ -55,6 +55,61 @@ class ResidualBlock(nn.Module):
         return x + self.block(x)
 
 
+def binomial_filter(size):
+    """The normalised 2-D binomial filter of `size` taps ([1 2 1], [1 3 3 1] outer themselves)."""
+    row = torch.tensor([math.comb(size - 1, k) for k in range(size)], dtype=torch.float32)
+    kernel = row[:, None] * row[None, :]
+    return kernel / kernel.sum()
+
+
+class BlurDownsample(nn.Module):
+    """Anti-aliased downsampling by 2 (Zhang, "Making Convolutional Networks Shift-Invariant
+    Again", 2019): the [1 2 1]^2 blur, reflection-padded by 1, taken at every second pixel.
+    A strided convolution samples before it filters, so what it sees of an edge depends on
+    where the edge sits relative to its grid; the blur first takes away what that grid
+    cannot represent. The filter is a buffer (`filt`, (C, 1, 3, 3)), as in CUT's code, so
+    the checkpoint says which layout it holds. Output: ceil(n / 2) rows and columns."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.register_buffer("filt", binomial_filter(3)[None, None].repeat(channels, 1, 1, 1))
+
+    def as_layers(self):
+        """The same computation as plain layers (a padding, a fixed depthwise convolution),
+        for code that reads a network layer by layer (tiling.py)."""
+        conv = nn.Conv2d(self.filt.size(0), self.filt.size(0), 3, stride=2, groups=self.filt.size(0), bias=False)
+        conv.weight = nn.Parameter(self.filt, requires_grad=False)
+        return [nn.ReflectionPad2d(1), conv]
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt.to(x.dtype), stride=2, groups=x.size(1))
+
+
+class BlurUpsample(nn.Module):
+    """Anti-aliased upsampling by 2, as CUT's: the input, replication-padded by 1, through
+    the transposed [1 3 3 1]^2 blur of stride 2 (x4, so a constant stays constant), cropped
+    to 2n. Nearest-neighbour upsampling repeats each pixel, which a following 3x3 convolution
+    turns into the checkerboard of strided generators; the blur interpolates instead. Its
+    filter is the buffer `filt`, (C, 1, 4, 4)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.register_buffer("filt", binomial_filter(4)[None, None].repeat(channels, 1, 1, 1) * 4)
+
+    def as_layers(self):
+        """The same computation as plain layers, for tiling.py: the padding, then a fixed
+        depthwise transposed convolution whose `padding` of 3 also does the crop."""
+        c = self.filt.size(0)
+        conv = nn.ConvTranspose2d(c, c, 4, stride=2, padding=3, groups=c, bias=False)
+        conv.weight = nn.Parameter(self.filt, requires_grad=False)
+        return [nn.ReplicationPad2d(1), conv]
+
+    def forward(self, x):
+        # (the full transposed convolution of the padded n + 2 rows is 2n + 6 long; padding 3 keeps the middle 2n)
+        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        return F.conv_transpose2d(x, self.filt.to(x.dtype), stride=2, padding=3, groups=x.size(1))
+
+
 class GeneratorResNet(nn.Module):
     """The seed's generator; `ngf` (its width: 64) and `identity_start` are levers for small
     budgets. With identity_start the output is the input plus what the network adds
@@ -62,17 +117,15 @@ class GeneratorResNet(nn.Module):
     convolution, so that training starts from G(x) = x rather than from noise. A buffer
     `global_skip` marks such weights, so that loading them builds the same forward pass.
 
-    With warp (which implies identity_start) a small head on the residual blocks' output
-    (at a quarter of the resolution, where each position sees most of a small image) gives a
-    displacement field in pixels, upsampled bilinearly: the output is the input resampled
-    along it, plus the colour residual. A convolutional generator moves an edge only by
-    repainting both sides of it; a redrawing that changes shapes (a flag that waves) is a
-    small smooth field. Its keys are `flow.*`; start_as_identity() zeroes it too."""
+    antialias: each downsampling is a stride-1 convolution, its norm and ReLU, then
+    BlurDownsample (CUT's default layout, which shifts the later layers' indices by 1 and 2);
+    antialias_up: each upsampling is BlurUpsample instead of nearest-neighbour, then the
+    same convolution (same indices). Both off: the seed's layers and keys, unchanged."""
 
-    def __init__(self, input_shape, num_residual_blocks, ngf=64, identity_start=False, warp=False):
+    def __init__(self, input_shape, num_residual_blocks, ngf=64, identity_start=False, antialias=False,
+                 antialias_up=False):
         super().__init__()
         channels = input_shape[0]
-        identity_start = identity_start or warp
         # The 7x7 convolutions need a padding of 3 to keep the size. The seed padded
         # by `channels`, which is 3 only for RGB and breaks grayscale models.
         model = [
@@ -85,19 +138,16 @@ class GeneratorResNet(nn.Module):
         for _ in range(2):  # downsampling
             out_features = in_features * 2
             model += [
-                nn.Conv2d(in_features, out_features, 3, stride=2, padding=1),
+                nn.Conv2d(in_features, out_features, 3, stride=1 if antialias else 2, padding=1),
                 nn.InstanceNorm2d(out_features),
                 nn.ReLU(inplace=True),
-            ]
+            ] + ([BlurDownsample(out_features)] if antialias else [])
             in_features = out_features
         model += [ResidualBlock(in_features) for _ in range(num_residual_blocks)]
-        self.bottleneck = len(model) - 1
-        if warp:
-            self.flow = nn.Conv2d(in_features, 2, 3, padding=1)
-        for _ in range(2):  # upsampling: nearest x2 then conv, as the seed
+        for _ in range(2):  # upsampling: nearest x2 (the seed's) or the blur, then a conv
             out_features = in_features // 2
             model += [
-                nn.Upsample(scale_factor=2),
+                BlurUpsample(in_features) if antialias_up else nn.Upsample(scale_factor=2),
                 nn.Conv2d(in_features, out_features, 3, stride=1, padding=1),
                 nn.InstanceNorm2d(out_features),
                 nn.ReLU(inplace=True),
@@ -106,63 +156,43 @@ class GeneratorResNet(nn.Module):
         # (Identity keeps the tanh's index, so both variants have the same keys)
         model += [nn.ReflectionPad2d(3), nn.Conv2d(in_features, channels, 7), nn.Identity() if identity_start else nn.Tanh()]
         self.model = nn.Sequential(*model)
-        self.identity_start, self.warp = identity_start, warp
+        self.identity_start, self.antialias, self.antialias_up = identity_start, antialias, antialias_up
         if identity_start:
             self.register_buffer("global_skip", torch.ones(()))
 
-    flow_pixels = 1.0  # pixels per unit of the field's output: at 4 (a larger step) it tore the emoji apart (README Quality)
-
     def start_as_identity(self):
-        """Zero the last convolution (and the field's head): with the global skip, G(x) = x
-        exactly (with warp, to the rounding of the resampling positions)."""
-        for conv in (self.model[-2], self.flow) if self.warp else (self.model[-2],):
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        """Zero the last convolution: with the global skip, G(x) = x exactly."""
+        nn.init.zeros_(self.model[-2].weight)
+        nn.init.zeros_(self.model[-2].bias)
 
     def forward(self, x, layers=None, encode_only=False):
         """The translation of x; with `layers` (indices into self.model, ascending), also the
         outputs of those layers (the encoder features CUT's PatchNCE compares: see
         nce_layers), as (translation, features), or, with encode_only, the features alone,
         computed only as far as the last of them."""
-        if layers is None and not self.warp:
+        if layers is None:
             return self.output(x, self.model(x))
-        taps, features, y, bottleneck = layers or (), [], x, None
+        features, y = [], x
         for index, layer in enumerate(self.model[:layers[-1] + 1] if encode_only else self.model):
             y = layer(y)
-            if index in taps:
+            if index in layers:
                 features.append(y)
-            if index == self.bottleneck:
-                bottleneck = y
         if encode_only:
             return features
-        out = self.output(x, y, bottleneck)
-        return out if layers is None else (out, features)
+        return self.output(x, y), features
 
-    def output(self, x, y, bottleneck=None):
-        if self.warp:
-            flow = F.interpolate(self.flow(bottleneck), size=x.shape[2:], mode="bilinear", align_corners=False)
-            x = warp(x, flow * self.flow_pixels)
+    def output(self, x, y):
         return x + y if self.identity_start else y
 
     def nce_layers(self):
         """The layers CUT's PatchNCE taps: the official 0, 4, 8, 12, 16 of its 9-block generator
-        (with anti-aliased downsampling) mapped onto this one: the padded input, the
-        convolutions of the two downsampling stages, and the first and fifth residual blocks
-        (the last, with fewer)."""
-        first_block = 10  # pad, conv, norm, relu, then (conv, norm, relu) x 2
+        (with anti-aliased downsampling, where these are this generator's indices too): the
+        padded input, the convolutions of the two downsampling stages, and the first and
+        fifth residual blocks (the last, with fewer)."""
+        stage = 4 if self.antialias else 3  # conv, norm, relu (, blur)
+        first_block = 4 + 2 * stage  # after pad, conv, norm, relu
         n_blocks = sum(isinstance(m, ResidualBlock) for m in self.model)
-        return sorted({0, 4, 7, first_block, first_block + min(5, n_blocks) - 1})
-
-
-def warp(x, flow):
-    """x resampled at each pixel's position plus `flow` ((N, 2, H, W): x and y, in pixels),
-    bilinearly, the border repeated beyond the edges. In fp32: the positions need it."""
-    h, w = x.shape[2:]
-    # grid_sample's positions run from -1 to 1 across the image: pixel i of n is at 2i/(n-1) - 1
-    xs = (torch.arange(w, device=x.device) + flow[:, 0].float()) * (2 / (w - 1)) - 1
-    ys = (torch.arange(h, device=x.device)[:, None] + flow[:, 1].float()) * (2 / (h - 1)) - 1
-    grid = torch.stack([xs, ys], dim=-1)
-    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=True).to(x.dtype)
+        return sorted({0, 4, 4 + stage, first_block, first_block + min(5, n_blocks) - 1})
 
 
 class PatchProjection(nn.Module):
@@ -508,6 +538,19 @@ def clean_state_dict(state_dict):
     return out
 
 
+def generator_kind(state_dict):
+    """{"antialias": bool, "antialias_up": bool}: which anti-aliased layers a seed-layout
+    generator's weights were trained with, read off its blur filters (3x3: downsampling,
+    4x4: upsampling)."""
+    blurs = [v.shape[-1] for k, v in state_dict.items() if k.endswith(".filt")]
+    return {"antialias": 3 in blurs, "antialias_up": 4 in blurs}
+
+
+def kind_flags(kind):
+    """A generator kind as the flags that build it: '--antialias --no-antialias_up'."""
+    return " ".join(f"--{'' if on else 'no-'}{flag}" for flag, on in kind.items())
+
+
 def build_generator(state_dict):
     """A generator of the right architecture with `state_dict` loaded strictly."""
     state_dict = clean_state_dict(state_dict)
@@ -518,7 +561,7 @@ def build_generator(state_dict):
         if c_in != c_out:
             raise ValueError(f"seed-layout generator with {c_in} input and {c_out} output channels")
         G = GeneratorResNet((c_in, 0, 0), n_blocks, ngf=state_dict["model.1.weight"].shape[0],
-                            identity_start="global_skip" in state_dict, warp="flow.weight" in state_dict)
+                            identity_start="global_skip" in state_dict, **generator_kind(state_dict))
     G.load_state_dict(state_dict, strict=True)
     return G
 

@@ -18,17 +18,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import OfficialResnetBlock, ResidualBlock, padding_to_multiple_of_4, to_levels
+from models import (BlurDownsample, BlurUpsample, OfficialResnetBlock, ResidualBlock, padding_to_multiple_of_4,
+                    to_levels)
 
 
 def network_ops(layers, blocks=None):
     """The generator's layers in the order they run, residual blocks opened up into
-    ('save', i) before the block's body and ('add', i) after it (x + body(x))."""
+    ('save', i) before the block's body and ('add', i) after it (x + body(x)), and the
+    anti-aliasing blurs into their padding and fixed convolution."""
     blocks = [0] if blocks is None else blocks
     ops = []
     for m in layers:
         if isinstance(m, nn.Sequential):
             ops += network_ops(m, blocks)
+        elif isinstance(m, (BlurDownsample, BlurUpsample)):
+            ops += m.as_layers()
         elif isinstance(m, (ResidualBlock, OfficialResnetBlock)):
             i = blocks[0] = blocks[0] + 1
             body = m.block if isinstance(m, ResidualBlock) else m.conv_block

@@ -1,52 +1,43 @@
 """
-What a training script here needs around its algorithm, in the order a run meets it: the
-arguments, the run folder, the devices and processes, the data, the budget, the GAN losses,
-saving and reporting, and the loop itself. cyclegan.py and cut.py each hold an algorithm (its
-networks, its step); both run through run() below, so that everything else a run does (resume,
-signals, DDP, --budget, evaluations, the results page) is written once.
+The loop every training script here runs, and what only it needs: the flags both scripts
+share, the devices and processes, the data, and the loop itself with its reports. cyclegan.py
+and cut.py each hold an algorithm (its networks, its step: an Algorithm, below); the GAN pieces
+their steps use are in gan.py, never losing a run (run folder, last.pt, resume, signals) in
+checkpoint.py, and --budget in budget.py.
 """
 import argparse
-import glob
-import math
 import os
 import random
-import re
 import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
-from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, default_collate
 
 from augment import DIFFAUG_POLICIES
-from datasets import (ImageDataset, NoReadableImage, UnpairedSampler, UnreadableFiles, check_some_readable, fixed_samples,
-                      train_transforms, verify_images)
-from models import Discriminator, Discriminators, ProjectedDiscriminator, clean_state_dict, discriminator_kind, receptive_field_for
-from report import (ResultsPage, TrainingLog, build_evaluator, evaluate_generators, keep_eval_rows_until, record_evaluation,
-                    sample_images, tensorboard_writer)
+from budget import fit_budget, parse_budget, replan_budget, replan_points, total_iterations
+from checkpoint import (rng_state, set_rng_state, StopSignal, TrainingState, check_output_folders, clean_killed_saves, hold_run_folder,
+                        refuse_existing_run, remove_old_run, restore, resume_arguments, save_epoch_weights, save_last)
+from datasets import (ImageDataset, NoReadableImage, UnpairedSampler, UnreadableFiles, check_some_readable,
+                      fixed_samples, train_transforms, verify_images)
+from gan import GAN_MODES, NETDS, adam_options, ema_decay, update_ema
+from report import (ResultsPage, TrainingLog, build_evaluator, evaluate_generators, keep_eval_rows_until,
+                    record_evaluation, sample_images, tensorboard_writer)
 from synthetic import BUILTIN_DATASET, make_day2night
-from utils import (BudgetLR, LambdaLR, StopSignal, TrainingState, add_device_args, autocast_context, check_finite_weights,
-                   check_writable, choose_precision, clean_killed_saves, die, ema_decay, hold_run_folder, load_checkpoint,
-                   parse_budget, pick_device, precision_name, print_lines_as_they_come, rng_state, save_atomic, set_rng_state, update_ema)
+from utils import (add_device_args, autocast_context, choose_precision, die, pick_device, precision_name,
+                   print_lines_as_they_come)
 
 
 # -----------------------------------------------------------------------------
 # Arguments
-
-# Flags that may differ between a run and its --resume: they change neither the model, nor
-# the data order, nor the algorithm. A resumed run is bitwise the run it continues when it
-# runs on the same kind of device in the same precision; --device and --amp change the
-# arithmetic, so changing them continues the run, close to but not bitwise the same.
-RESUME_HARMLESS = {"resume", "sample_interval", "checkpoint_interval", "save_latest_interval", "log_interval",
-                   "n_cpu", "device", "compile", "verify_data", "amp", "eval_interval", "eval_n", "inception",
-                   "tensorboard", "log_dir", "overwrite"}
 
 
 RECEPTIVE_FIELD_CHOICES = (94, 70, 34, 16, "auto")
@@ -87,9 +78,13 @@ def add_training_args(p):
     p.add_argument("--ngf", type=int, default=64, help="generator width: channels of its first convolution")
     p.add_argument("--identity_start", action="store_true",
                    help="generators add their output to the input (a global skip) and start as the identity")
-    p.add_argument("--warp", action="store_true",
-                   help="generators also move pixels: they output a displacement field along which the input is "
-                        "resampled before their colour change is added, so they can change shapes (implies --identity_start)")
+    p.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=False,
+                   help="anti-aliased downsampling in the generators, as CUT's: a stride-1 convolution, then a "
+                        "[1 2 1]^2 blur of stride 2, so that a translation does not depend on where the content "
+                        "sits on the pixel grid (video that pans); costs a stride-1 convolution per stage")
+    p.add_argument("--antialias_up", action=argparse.BooleanOptionalAction, default=False,
+                   help="anti-aliased upsampling in the generators, as CUT's: a transposed [1 3 3 1]^2 blur "
+                        "instead of nearest-neighbour, against the checkerboard dots of flat areas")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="keep a moving average of the generators' weights (e.g. 0.999), which is what is saved as "
                         "G_*.pth, evaluated and sampled; last.pt keeps both; its first steps average over fewer "
@@ -187,22 +182,6 @@ def check_flags(opt, script_ranges=()):
         die(f"--img_height/--img_width must be multiples of 4, got {opt.img_height}x{opt.img_width}")
 
 
-def find_last_pt(opt, given):
-    """The last.pt that --resume continues from: PATH, or that of --dataset_name, or the
-    only one under saved_models/."""
-    if opt.resume != "auto":
-        return opt.resume
-    if "dataset_name" in given:
-        return os.path.join("saved_models", opt.dataset_name, "last.pt")
-    found = sorted(glob.glob(os.path.join("saved_models", "*", "last.pt")))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        die("--resume: there is no saved_models/<dataset>/last.pt here; start a run first (it writes last.pt), "
-            "or pass --dataset_name NAME or --resume PATH")
-    die(f"--resume: several runs to continue ({', '.join(found)}); pass --dataset_name NAME or --resume PATH")
-
-
 def parse_args(parser, argv, script_ranges, algorithm):
     """The arguments, checked (`script_ranges(opt)`: the script's own flags' ranges, see
     check_flags); with --resume, those of the saved run, except harmless ones given now.
@@ -214,25 +193,7 @@ def parse_args(parser, argv, script_ranges, algorithm):
         opt.dataset_name = given["dataset_name"] = os.path.basename(os.path.abspath(opt.data_root))
     resume_state = None
     if opt.resume:
-        path = find_last_pt(opt, given)
-        if not os.path.exists(path):
-            die(f"--resume: {path} does not exist; start a run first (it writes last.pt), "
-                f"or pass --dataset_name NAME or --resume PATH")
-        resume_state = load_checkpoint(path)
-        if not isinstance(resume_state, dict) or "args" not in resume_state:
-            die(f"--resume: {path} is not a full-state checkpoint (no 'args'); for per-epoch weight files use --epoch N")
-        trained_with = resume_state.get("algorithm", "CycleGAN")
-        if trained_with != algorithm:
-            script = {"CycleGAN": "cyclegan.py", "CUT": "cut.py"}.get(trained_with, trained_with)
-            die(f"--resume: {path} is a {trained_with} run; continue it with {script}")
-        saved = resume_state["args"]
-        diffs = [f"--{k} {saved.get(k)} -> {v}" for k, v in sorted(given.items())
-                 if k not in RESUME_HARMLESS and saved.get(k) != v]
-        if diffs:
-            die(f"--resume: {path} was trained with other arguments: {'; '.join(diffs)}. "
-                f"Resume with the same ones, or start a new run")
-        opt = argparse.Namespace(**{**vars(opt), **saved, **{k: v for k, v in given.items() if k in RESUME_HARMLESS}})
-        opt.resume = path
+        opt, resume_state = resume_arguments(opt, given, algorithm)
     else:
         clash = [f"--{k}" for k in ("n_epochs", "decay_epoch", "epoch") if k in given]
         if opt.budget is not None and clash:
@@ -245,66 +206,23 @@ def parse_args(parser, argv, script_ranges, algorithm):
 
 
 # -----------------------------------------------------------------------------
-# The run folder: saved_models/<name>/ and images/<name>/
-
-RUN_WEIGHTS = re.compile(r"(G_AB|G_BA|D_A|D_B|F)_\d+\.pth|best_(G_AB|G_BA)\.pth")
-
-
-def run_files(opt):
-    """The files of the run in saved_models/<dataset_name>/ and its sample grids in images/<dataset_name>/."""
-    model_dir, images = os.path.join("saved_models", opt.dataset_name), os.path.join("images", opt.dataset_name)
-    found = [os.path.join(model_dir, f) for f in sorted(os.listdir(model_dir)) if f in ("last.pt", "log.csv", "eval.csv")
-             or RUN_WEIGHTS.fullmatch(f)] if os.path.isdir(model_dir) else []
-    grids = [os.path.join(images, f) for f in sorted(os.listdir(images)) if f.endswith(".png") and f[:-4].isdigit()
-             or f in ("index.html", "losses.png", "fid.png")] if os.path.isdir(images) else []
-    return found, grids
-
-
-def refuse_existing_run(opt):
-    """A fresh run never replaces a saved one: the same command run again (after a reboot, say)
-    would otherwise wipe log.csv and last.pt. Checked by every process before anything is written."""
-    model_dir = os.path.join("saved_models", opt.dataset_name)
-    found, _ = run_files(opt)
-    log = os.path.join(model_dir, "log.csv")
-    if os.path.isfile(log):
-        with open(log, newline="") as f:
-            if sum(1 for _ in zip(range(2), f)) < 2:  # a header alone: a run that never logged a batch
-                found.remove(log)
-    found = [f for f in found if not f.endswith("eval.csv")]
-    if not found:
-        return
-    what = ", ".join(os.path.basename(f) for f in found[:4]) + (", ..." if len(found) > 4 else "")
-    last = os.path.join(model_dir, "last.pt")
-    if os.path.isfile(last):
-        try:
-            saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-            what = f"last.pt: epoch {saved['epoch']}, batch {saved['batch']}"
-        except Exception:
-            pass
-    die(f"{model_dir} already holds a run ({what}); continue it with --resume, start a separate one with another "
-        f"--dataset_name (add --data_root to train on the same data), or pass --overwrite to replace it")
-
-
-def check_output_folders(opt):
-    """Every folder training writes to, writable, before any work starts."""
-    check_writable(os.path.join("saved_models", opt.dataset_name), "--dataset_name")
-    check_writable(os.path.join("images", opt.dataset_name), "--dataset_name")
-    if opt.tensorboard:
-        check_writable(opt.log_dir or os.path.join("runs", opt.dataset_name), "--log_dir")
-
-
-def remove_old_run(opt):
-    """--overwrite: the old run's files go before the new run writes its own."""
-    found, grids = run_files(opt)
-    for path in found + grids:
-        os.remove(path)
-    if found or grids:
-        print(f"--overwrite: removed {len(found)} file(s) of the old run in saved_models/{opt.dataset_name}/ "
-              f"and {len(grids)} in images/{opt.dataset_name}/")
-
-
-# -----------------------------------------------------------------------------
 # Devices, processes, precision
+
+@dataclass
+class Processes:
+    """This run's processes: one, or those torchrun started (ddp). `group`: a gloo group for
+    what they agree on from the host (None: the default group, when that is gloo already)."""
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    group: object = None
+
+    @property
+    def master(self):
+        """The process that prints, writes the results and holds the run folder."""
+        return self.rank == 0
+
 
 def setup_processes(opt):
     """The device, and the processes torchrun started (it sets RANK, LOCAL_RANK and
@@ -313,7 +231,7 @@ def setup_processes(opt):
     on from the host (the seed, the stop signal, the replay buffers to save), so that
     agreeing never waits for the GPU."""
     device = pick_device(opt.device)
-    procs = SimpleNamespace(ddp=False, rank=0, local_rank=0, world_size=1, master=True, group=None)
+    procs = Processes()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         procs.ddp, procs.local_rank = True, int(os.environ.get("LOCAL_RANK", 0))
         if device.type == "cuda":
@@ -321,7 +239,6 @@ def setup_processes(opt):
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         procs.rank, procs.world_size = dist.get_rank(), dist.get_world_size()
-        procs.master = procs.rank == 0
         procs.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
         # Every process drew a seed; DistributedSampler needs the same one everywhere, or the
         # shards of an epoch overlap and miss images. Rank 0's is the run's seed.
@@ -346,18 +263,15 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def adam_options(device):
-    # fused Adam on CUDA (one kernel for all parameters), the foreach one elsewhere
-    return {"fused": True, "foreach": None} if device.type == "cuda" else {"fused": None, "foreach": True}
-
-
 def networks_for_step(nets, opt, device, procs):
     """The networks as train_step calls them: compiled (--compile), then wrapped in DDP."""
     step_nets = dict(nets)
     if opt.compile:
-        step_nets = {name: torch.compile(net, mode=None if opt.compile == "default" else opt.compile) for name, net in step_nets.items()}
+        mode = None if opt.compile == "default" else opt.compile
+        step_nets = {name: torch.compile(net, mode=mode) for name, net in step_nets.items()}
     if procs.ddp:
-        step_nets = {name: DDP(net, device_ids=[device.index] if device.type == "cuda" else None) for name, net in step_nets.items()}
+        device_ids = [device.index] if device.type == "cuda" else None
+        step_nets = {name: DDP(net, device_ids=device_ids) for name, net in step_nets.items()}
     return step_nets
 
 
@@ -373,8 +287,8 @@ def build_data(opt, device, procs):
     if procs.ddp:  # one process per machine generates it; the others wait for it
         dist.barrier(group=procs.group)
     try:
-        dataset = ImageDataset(data_root, train_transforms(opt.img_height, opt.img_width, opt.load_size), unaligned=True, mode="train",
-                               channels=opt.channels, warn=procs.master)
+        dataset = ImageDataset(data_root, train_transforms(opt.img_height, opt.img_width, opt.load_size),
+                               unaligned=True, mode="train", channels=opt.channels, warn=procs.master)
     except FileNotFoundError as e:
         die(str(e))
     if opt.verify_data and procs.master:
@@ -419,158 +333,6 @@ def stop_workers(dataloader):
 
 
 # -----------------------------------------------------------------------------
-# --budget: the run's length, in iterations
-
-def total_iterations(opt, n_batches):
-    return opt.budget_iters if opt.budget is not None else opt.n_epochs * n_batches
-
-
-def n_evaluations(opt, iterations, n_batches):
-    """Evaluations in a run of `iterations`: every --eval_interval epochs, and after the last."""
-    if opt.eval_interval <= 0:
-        return 0
-    epochs = math.ceil(iterations / n_batches)
-    return epochs // opt.eval_interval + (epochs % opt.eval_interval != 0)
-
-
-def iterations_within(seconds, step_s, eval_s, opt, n_batches, done=0, evaluated=0):
-    """How many iterations after the first `done` fit in `seconds` at `step_s` each, less the
-    evaluations --eval_interval asks for beyond the `evaluated` already done."""
-    def cost(iterations):
-        return iterations * step_s + (n_evaluations(opt, done + iterations, n_batches) - evaluated) * eval_s
-
-    low, high = 0, max(0, int(seconds / step_s))  # the most whose cost fits (it only grows with iterations)
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if cost(mid) <= seconds else (low, mid - 1)
-    return low
-
-
-def agree_on(total, procs):
-    """Under torchrun rank 0's figure is everyone's."""
-    if procs.ddp:
-        total_t = torch.tensor([total], dtype=torch.int64)
-        dist.broadcast(total_t, src=0, group=procs.group)
-        total = int(total_t[0])
-    return total
-
-
-def fit_budget(opt, n_batches, procs, started, measure_costs, evaluates):
-    """Turn --budget into opt.budget_iters and opt.n_epochs at the start of a run; they are
-    saved with the arguments in last.pt, so a resumed run keeps them. A time budget is the
-    wall time of the whole run, less what has been spent since `started`: iterations at the
-    measured speed plus the evaluations --eval_interval asks for. `measure_costs(seconds)`: the
-    script's (seconds per iteration, seconds per evaluation), measured for about `seconds`;
-    `evaluates`: whether the run evaluates. Returns the seconds per evaluation (for
-    replan_budget; 0 for a number of iterations)."""
-    kind, amount = parse_budget(opt.budget)
-    eval_s = 0.0
-    if kind == "iterations":
-        total = amount
-    else:
-        seconds = min(60, 0.02 * amount)
-        if procs.master:
-            print(f"--budget {opt.budget}: first measuring this machine's speed, about {seconds:.0f} s of training steps"
-                  + (", then one evaluation of both generators (its first also takes the test images' FID features)"
-                     if evaluates else "") + " ...")
-        step_s, eval_s = measure_costs(seconds)
-        total = iterations_within(amount - (time.time() - started), step_s, eval_s, opt, n_batches)
-        if total < 1:
-            die(f"--budget {opt.budget}: too short here for one iteration ({step_s:.2f} s) and the evaluations "
-                f"({eval_s:.0f} s each); give more time, or a number of iterations")
-        if procs.master:
-            print(f"--budget {opt.budget}: {step_s:.3f} s per iteration" + (f" and {eval_s:.0f} s per evaluation" if eval_s else "")
-                  + f" on this machine: {total} iterations ({total / n_batches:.1f} epochs)")
-    opt.budget_iters = agree_on(total, procs)
-    opt.n_epochs = math.ceil(opt.budget_iters / n_batches)
-    return eval_s
-
-
-REPLAN_AT = (0.05, 0.2, 0.4)  # fractions of a time budget's planned iterations
-
-
-def replan_points(opt, resume_state):
-    """The iterations after which a time budget is planned again from the run's own speed:
-    a few seconds' measurement at the start can be off by half (another process starting
-    beside it, a first minute that runs slower or faster), and a run should end when its
-    budget does. Only before the learning rate starts to fall (the plan moves where it falls,
-    and a decay already under way would jump) and only in a run that started here, whose
-    start time it knows; a resumed run keeps the plan in its last.pt."""
-    if opt.budget is None or resume_state is not None or parse_budget(opt.budget)[0] != "seconds":
-        return set()
-    return {round(f * opt.budget_iters) for f in REPLAN_AT if 0 < f < 1 - opt.decay_fraction}
-
-
-def replan_budget(opt, done, n_batches, procs, started, loop_started, eval_s, schedulers, log, now):
-    """After `done` iterations of this run (started at `started`, its loop at `loop_started`):
-    opt.budget_iters and opt.n_epochs from the speed of those iterations, so that the whole
-    run takes --budget; the learning-rate schedules follow the new length. Not once the
-    decay has begun (an earlier plan may have moved it before this point)."""
-    if done >= (1 - opt.decay_fraction) * opt.budget_iters:
-        return
-    evaluated = (done // n_batches) // opt.eval_interval if opt.eval_interval > 0 else 0
-    step_s = max(1e-9, (now - loop_started - evaluated * eval_s) / done)
-    seconds = parse_budget(opt.budget)[1] - (now - started)
-    total = done + iterations_within(seconds, step_s, eval_s, opt, n_batches, done, evaluated)
-    total = agree_on(max(total, done + 1), procs)
-    if total == opt.budget_iters:
-        return
-    if procs.master:
-        print(f"--budget {opt.budget}: {step_s:.3f} s per iteration over this run's first {done}: "
-              f"{total} iterations ({total / n_batches:.1f} epochs) instead of {opt.budget_iters}")
-    opt.budget_iters, opt.n_epochs = total, math.ceil(total / n_batches)
-    for scheduler in schedulers.values():
-        scheduler.lr_lambdas = [BudgetLR(total, opt.warmup, opt.decay_fraction).step for _ in scheduler.lr_lambdas]
-    if log is not None:
-        log.set_total(total)
-
-
-# -----------------------------------------------------------------------------
-# What every adversarial step needs
-
-def set_requires_grad(nets, flag):
-    for net in nets:
-        for p in net.parameters():
-            p.requires_grad_(flag)
-
-
-GAN_MODES = ("lsgan", "hinge", "vanilla")
-NETDS = ("patch", "projected", "patch,projected")  # --netD, shown as KIND: argparse would print {patch,projected,patch,projected}
-
-
-def gan_loss(pred, target_is_real, mode="lsgan", for_discriminator=True):
-    """The GAN loss of D's output (patch logits) against "real" or "fake". A list of outputs
-    (several discriminators judging, --netD patch,projected): the mean of their losses."""
-    if isinstance(pred, list):
-        return sum(gan_loss(p, target_is_real, mode, for_discriminator) for p in pred) / len(pred)
-    if mode == "lsgan":  # least squares against an all-ones or all-zeros map of D's output shape
-        target = torch.ones_like(pred) if target_is_real else torch.zeros_like(pred)
-        return F.mse_loss(pred, target)
-    if mode == "vanilla":  # the original GAN's cross-entropy, on logits (G's is the non-saturating one)
-        return F.binary_cross_entropy_with_logits(pred, torch.full_like(pred, float(target_is_real)))
-    # hinge: D is done with a real logit above 1 and a fake one below -1; G raises its fakes' logits
-    if not for_discriminator:
-        return -pred.mean()
-    return F.relu(1 - pred).mean() if target_is_real else F.relu(1 + pred).mean()
-
-
-def split_batch(pred, n):
-    """D's output on [real, fake] as (on real, on fake), also for a list of outputs."""
-    if isinstance(pred, list):
-        return [p[:n] for p in pred], [p[n:] for p in pred]
-    return pred.split(n)
-
-
-def backward_step(loss, optimizer, scaler):
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-
-
-# -----------------------------------------------------------------------------
 # Saving, and what rank 0 reports
 
 def every(interval, count):
@@ -578,143 +340,78 @@ def every(interval, count):
     return interval > 0 and count % interval == 0
 
 
-def save_last(training, report, model_dir, iteration, procs):
-    """last.pt, to continue after `iteration` from training.epoch/batch, once the losses
-    logged so far and the weights are known to be finite."""
-    if procs.master:
-        report.log.flush()
-        check_finite_weights({**training.nets, **{"ema_" + k: v for k, v in training.ema.items()}}, iteration, model_dir)
-    training.save(os.path.join(model_dir, "last.pt"), procs.group)
+@dataclass
+class Report:
+    """What rank 0 writes beside the weights: log.csv and the progress line, the results page,
+    TensorBoard (`writer`, None without --tensorboard), and the FID `evaluator` (None where
+    not asked for)."""
+    log: TrainingLog
+    page: ResultsPage
+    evaluator: object = None
+    writer: object = None
 
 
-def save_epoch_weights(nets, model_dir, done):
-    # named by the number of epochs done, so --epoch N resumes after them
-    for name, net in nets.items():
-        save_atomic(net.state_dict(), os.path.join(model_dir, f"{name}_{done}.pth"))
-
-
-def start_report(opt, device, dataset, n_batches, training, model_dir, procs, evaluator, algorithm):
-    """What rank 0 writes beside the weights: log.csv (of algorithm.loss_names) and the progress
-    line, the results page, TensorBoard, and the FID `evaluator` (None where not asked for).
-    Other ranks: None."""
+def start_report(opt, device, dataset, n_batches, state, model_dir, procs, evaluator, algorithm):
+    """Rank 0's Report (log.csv of algorithm.loss_names), after clearing what a killed save or,
+    with --overwrite, the old run left behind; other ranks: None."""
     if not procs.master:
         return None
-    done = training.epoch * n_batches + training.batch
-    report = SimpleNamespace(evaluator=evaluator, writer=tensorboard_writer(opt) if opt.tensorboard else None)
+    done = state.epoch * n_batches + state.batch
+    writer = tensorboard_writer(opt) if opt.tensorboard else None
     clean_killed_saves(model_dir)
     if opt.overwrite and not opt.resume and opt.epoch == 0:
         remove_old_run(opt)
-    report.log = TrainingLog(os.path.join(model_dir, "log.csv"), algorithm.loss_names, total_iterations(opt, n_batches), done,
-                             opt.log_interval, model_dir, report.writer)
-    keep_eval_rows_until(model_dir, training.epoch)
-    report.page = ResultsPage(os.path.join("images", opt.dataset_name), opt, n_batches, model_dir, algorithm.name)
-    print(f"training on {device} ({training.precision}) x {procs.world_size} process(es): "
-          f"{len(dataset.files_A)} A / {len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} per epoch "
-          f"and process, epochs {training.epoch}..{opt.n_epochs - 1}, seed {opt.seed}, saving to {model_dir}/")
-    return report
+    log = TrainingLog(os.path.join(model_dir, "log.csv"), algorithm.loss_names, total_iterations(opt, n_batches), done,
+                      opt.log_interval, model_dir, writer)
+    keep_eval_rows_until(model_dir, state.epoch)
+    page = ResultsPage(os.path.join("images", opt.dataset_name), opt, n_batches, model_dir, algorithm.name)
+    print(f"training on {device} ({state.precision}) x {procs.world_size} process(es): "
+          f"{len(dataset.files_A)} A / {len(dataset.files_B)} B images, {n_batches} batches of {opt.batch_size} "
+          f"per epoch and process, epochs {state.epoch}..{opt.n_epochs - 1}, seed {opt.seed}, saving to {model_dir}/")
+    return Report(log, page, evaluator, writer)
 
 
 def show_samples(report, fixed_A, fixed_B, nets, autocast, opt, iteration):
-    grid = sample_images(f"images/{opt.dataset_name}/{iteration}.png", fixed_A, fixed_B, nets["G_AB"], nets.get("G_BA"), autocast)
+    grid = sample_images(f"images/{opt.dataset_name}/{iteration}.png", fixed_A, fixed_B, nets["G_AB"], nets.get("G_BA"),
+                         autocast)
     report.page.update()
     if report.writer is not None:
         report.writer.add_image("samples", grid, iteration)
 
 
-def end_of_epoch(training, report, model_dir, n_batches, device, procs):
+def end_of_epoch(state, report, model_dir, n_batches, device, procs):
     """The learning rates step; then last.pt first, since it is what lets a run go on, then
     the per-epoch weights and the evaluation at their intervals (and last.pt again after an
     evaluation, to carry its best FIDs), and the results page."""
-    opt, done = training.opt, training.epoch
+    opt, done = state.opt, state.epoch
     if opt.budget is None:  # (--budget's schedule steps every iteration)
-        for scheduler in training.schedulers.values():
+        for scheduler in state.schedulers.values():
             scheduler.step()
     last_iteration = min(done * n_batches, total_iterations(opt, n_batches)) - 1
     # (under torchrun the other processes wait for rank 0 in these saves' gather)
-    save_last(training, report, model_dir, last_iteration, procs)
+    save_last(state, report, model_dir, last_iteration, procs)
     if procs.master and (done == opt.n_epochs or every(opt.checkpoint_interval, done)):
-        save_epoch_weights(training.published(), model_dir, done)
+        save_epoch_weights(state.published(), model_dir, done)
     if opt.eval_interval > 0 and (done == opt.n_epochs or every(opt.eval_interval, done)):
         if procs.master:
-            published = training.published()
+            published = state.published()
             results = evaluate_generators(report.evaluator, published, device)
-            record_evaluation(results, done, last_iteration, published, model_dir, training.best_fid, report.writer)
-        save_last(training, report, model_dir, last_iteration, procs)
+            record_evaluation(results, done, last_iteration, published, model_dir, state.best_fid, report.writer)
+        save_last(state, report, model_dir, last_iteration, procs)
     if procs.master:
         report.page.update(replot=True)
 
 
-def stop_after_signal(training, report, model_dir, iteration, procs, signum):
-    save_last(training, report, model_dir, iteration, procs)
+def stop_after_signal(state, report, model_dir, iteration, procs, signum):
+    save_last(state, report, model_dir, iteration, procs)
     if procs.master:
         report.log.close()
-        print(f"saved {model_dir}/last.pt at epoch {training.epoch}, batch {training.batch}; continue with: "
-              f"python {os.path.basename(sys.argv[0]) or 'cyclegan.py'} --dataset_name {training.opt.dataset_name} --resume", file=sys.stderr)
+        script = os.path.basename(sys.argv[0]) or "cyclegan.py"
+        print(f"saved {model_dir}/last.pt at epoch {state.epoch}, batch {state.batch}; continue with: "
+              f"python {script} --dataset_name {state.opt.dataset_name} --resume", file=sys.stderr)
     if procs.ddp:
         dist.destroy_process_group()
     sys.exit(128 + signum)
-
-
-
-# -----------------------------------------------------------------------------
-# What both algorithms build alike
-
-def d_receptive_field(opt):
-    return receptive_field_for(opt.img_height, opt.img_width) if opt.d_receptive_field == "auto" else opt.d_receptive_field
-
-
-def build_discriminator(opt, backbone):
-    """--netD: one discriminator, or several that judge the same images. `backbone`: the
-    frozen EfficientNet-Lite0 of --netD projected, shared by every discriminator of a run."""
-    input_shape = (opt.channels, opt.img_height, opt.img_width)
-    judges = {kind: Discriminator(input_shape, d_receptive_field(opt)) if kind == "patch" else ProjectedDiscriminator(backbone=backbone)
-              for kind in opt.netD.split(",")}
-    return Discriminators(judges) if len(judges) > 1 else judges[opt.netD]
-
-
-def lr_schedulers(opt, optimizers):
-    """The seed's linear decay from --decay_epoch, stepped every epoch; with --budget, the
-    warm-up and decay over the run's iterations, stepped every iteration."""
-    if opt.budget is not None:
-        lr_lambda = BudgetLR(opt.budget_iters, opt.warmup, opt.decay_fraction).step
-    else:
-        lr_lambda = LambdaLR(opt.n_epochs, opt.epoch, opt.decay_epoch).step
-    return {name: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda=lr_lambda) for name, o in optimizers.items()}
-
-
-def load_epoch_weights(nets, model_dir, epoch, device, netD):
-    """The seed's resume: --epoch N loads the per-epoch weights (optimizers start afresh)."""
-    for name, net in nets.items():
-        path = os.path.join(model_dir, f"{name}_{epoch}.pth")
-        state = load_checkpoint(path, map_location=device)
-        kind = discriminator_kind(state) if name.startswith("D") else None
-        if kind is not None and kind != netD:
-            die(f"{path} is a --netD {kind} discriminator; this run asks for --netD {netD}: pass --netD {kind}, "
-                f"or start a new run")
-        try:
-            net.load_state_dict(clean_state_dict(state))
-        except RuntimeError as e:
-            die(f"{path} does not fit this model ({str(e).splitlines()[1].strip()}); "
-                f"check --n_residual_blocks, --channels and --d_receptive_field")
-
-
-def restore(opt, resume_state, training, device, procs, model_dir):
-    """Where training starts: a saved run's position and state (--resume), or the seed's
-    per-epoch weights (--epoch N), or nothing."""
-    if resume_state is None:
-        if opt.epoch > 0:
-            load_epoch_weights(training.nets, model_dir, opt.epoch, device, opt.netD)
-            for name, ema in training.ema.items():  # (G_*.pth hold what the run published)
-                ema.load_state_dict(training.nets[name].state_dict())
-        return
-    training.load_state_dict(resume_state, adam_options(device), procs.rank, procs.world_size, device)
-    if procs.master:
-        print(f"resuming from {opt.resume}: epoch {training.epoch}, batch {training.batch}")
-        was = resume_state.get("device_type"), resume_state.get("precision")
-        now = training.device_type, training.precision
-        if was[0] is not None and was != now:
-            print(f"note: last.pt was trained on {was[0]} in {was[1]}, this run is on {now[0]} in {now[1]}: it continues "
-                  f"the run, but not bitwise as an uninterrupted run would", file=sys.stderr)
 
 
 def measure_costs(opt, algorithm, dataset, device, autocast, scaler, evaluator, seconds):
@@ -727,7 +424,7 @@ def measure_costs(opt, algorithm, dataset, device, autocast, scaler, evaluator, 
         nets, ema = algorithm.build_networks(opt, device)
         optimizers, _ = algorithm.build_optimizers(argparse.Namespace(**{**vars(opt), "budget": None}), nets, device)
         buffers = algorithm.build_buffers(opt, 0)
-        step_nets = networks_for_step(nets, opt, device, SimpleNamespace(ddp=False))
+        step_nets = networks_for_step(nets, opt, device, Processes())
         times, k = [], 0
         while k < 10 or sum(times[2:]) < seconds:  # the first two warm up (allocations, compilation)
             t0 = time.perf_counter()
@@ -751,10 +448,28 @@ def measure_costs(opt, algorithm, dataset, device, autocast, scaler, evaluator, 
 
 
 # -----------------------------------------------------------------------------
-# The loop, the same for every algorithm. `algorithm` is what a script brings: its name,
-# build_networks(opt, device) -> (nets, ema), build_optimizers(opt, nets, device) ->
-# (optimizers, schedulers), build_buffers(opt, rank) -> replay buffers, step(opt, real_A,
-# real_B, nets, optimizers, buffers, autocast, scaler) -> losses, and loss_names (log.csv's).
+# The loop, the same for every algorithm
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What a training script hands the loop (cyclegan.CYCLEGAN, cut.CUT), all of it plain
+    functions of the script:
+    - name: "CycleGAN" or "CUT", recorded in last.pt (a run resumes only with its own script)
+      and shown on the results page;
+    - build_networks(opt, device) -> (nets, ema): the networks by name ("G_AB", "D_B", ...),
+      and the generators' moving averages by the same names ({} without --ema);
+    - build_optimizers(opt, nets, device) -> (optimizers, schedulers), each by name;
+    - build_buffers(opt, rank) -> this process's replay buffers by name (gan.ReplayBuffer);
+    - step(opt, real_A, real_B, nets, optimizers, buffers, autocast, scaler) -> the losses
+      of one training iteration by name, as detached tensors (nothing fetched to the host);
+    - loss_names: the names step returns, in the order of log.csv's columns."""
+    name: str
+    build_networks: Callable
+    build_optimizers: Callable
+    build_buffers: Callable
+    step: Callable
+    loss_names: tuple
+
 
 def main(parse_args, algorithm, argv=None):
     """A training script's main(): its arguments (`parse_args`: the script's), then run()."""
@@ -804,18 +519,18 @@ def train(opt, resume_state, model_dir, started, algorithm):
     nets, ema = algorithm.build_networks(opt, device)
     optimizers, schedulers = algorithm.build_optimizers(opt, nets, device)
     buffers = algorithm.build_buffers(opt, procs.rank)
-    training = TrainingState(opt, nets, optimizers, schedulers, buffers, scaler, device.type, precision_name(dtype), ema,
-                             algorithm.name)
-    restore(opt, resume_state, training, device, procs, model_dir)
+    state = TrainingState(opt, nets, optimizers, schedulers, buffers, scaler, device.type, precision_name(dtype), ema,
+                          algorithm.name)
+    restore(opt, resume_state, state, device, procs, model_dir)
     step_nets = networks_for_step(nets, opt, device, procs)
     if opt.compile and procs.master:
         print("--compile: the first iterations compile the networks, which can take minutes on a CPU")
 
     stop = StopSignal(f"finishing this batch and saving {model_dir}/last.pt ..." if procs.master else None, procs.group)
     unreadable = UnreadableFiles(dataset)
-    report = start_report(opt, device, dataset, n_batches, training, model_dir, procs, evaluator, algorithm)
+    report = start_report(opt, device, dataset, n_batches, state, model_dir, procs, evaluator, algorithm)
 
-    start_epoch, start_batch = training.epoch, training.batch
+    start_epoch, start_batch = state.epoch, state.batch
     replan_at, loop_started = replan_points(opt, resume_state), time.time()
     # (the data workers ignore SIGTERM, see ignore_stop_signals, so they are stopped here rather
     # than left to the interpreter's exit, whose SIGTERM they would not hear)
@@ -843,17 +558,17 @@ def train(opt, resume_state, model_dir, started, algorithm):
                 if opt.budget is not None:
                     for scheduler in schedulers.values():
                         scheduler.step()
-                training.epoch, training.batch = epoch, i + 1  # where a save from here on continues
+                state.epoch, state.batch = epoch, i + 1  # where a save from here on continues
                 if procs.master:
                     report.log.add(epoch, i, iteration, losses, lr)
                     if every(opt.sample_interval, iteration):
-                        show_samples(report, fixed_A, fixed_B, training.published(), autocast, opt, iteration)
+                        show_samples(report, fixed_A, fixed_B, state.published(), autocast, opt, iteration)
                 if every(opt.save_latest_interval, iteration + 1) and iteration + 1 < total_iterations(opt, n_batches):
-                    save_last(training, report, model_dir, iteration, procs)
+                    save_last(state, report, model_dir, iteration, procs)
                 if stop.agreed():
-                    stop_after_signal(training, report, model_dir, iteration, procs, stop.signum)
-            training.epoch, training.batch = epoch + 1, 0
-            end_of_epoch(training, report, model_dir, n_batches, device, procs)
+                    stop_after_signal(state, report, model_dir, iteration, procs, stop.signum)
+            state.epoch, state.batch = epoch + 1, 0
+            end_of_epoch(state, report, model_dir, n_batches, device, procs)
             epoch += 1
     finally:
         stop_workers(dataloader)

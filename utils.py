@@ -1,148 +1,22 @@
 """
-Small pieces of the training recipe: the fake-image replay buffer, the linear
-learning-rate decay, the atomic, safe checkpoint I/O every script uses, the full
-training state that --resume continues from, the stop signal, the run folder's lock, the
-choice of device and precision, and output that reaches a log file line by line.
+Small general helpers every script uses: one-line errors, the one atomic write (and safe
+checkpoint loading), output that reaches a log file line by line, and the choice of device
+and precision.
 """
 import argparse
 import os
 import pickle
 import platform
-import random
-import re
 import shutil
-import signal
-import socket
 import sys
 import tempfile
-import time
 from contextlib import nullcontext
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-
-import numpy as np
 import torch
-import torch.distributed as dist
 
 
-class ReplayBuffer:
-    """Shrivastava et al.'s image history: the discriminators see a mix of the
-    newest fakes and fakes from up to `max_size` earlier steps, which keeps the
-    generators from chasing a discriminator that only knows the latest fakes.
-
-    Once full, each new image replaces a random stored one with probability 0.5,
-    and the stored one is returned in its place. The buffer owns its random
-    generator so that its draws can be saved and resumed exactly."""
-
-    def __init__(self, max_size=50, seed=None):
-        if max_size < 0:
-            raise ValueError(f"ReplayBuffer max_size must be >= 0, got {max_size}")
-        self.max_size = max_size  # 0: no buffer, the newest fakes pass straight through
-        self.data = []
-        self.rng = random.Random(seed)
-
-    def push_and_pop(self, data):
-        if self.max_size == 0:
-            return data.detach()
-        to_return = []
-        for element in data.detach():
-            # a copy: a view would keep the whole batch it was cut from alive (in memory and in last.pt)
-            element = element.unsqueeze(0).clone()
-            if len(self.data) < self.max_size:
-                self.data.append(element)
-                to_return.append(element)
-            elif self.rng.uniform(0, 1) > 0.5:
-                i = self.rng.randint(0, self.max_size - 1)
-                to_return.append(self.data[i])
-                self.data[i] = element
-            else:
-                to_return.append(element)
-        return torch.cat(to_return)
-
-    def state_dict(self):
-        return {"max_size": self.max_size, "data": [d.cpu() for d in self.data], "rng": self.rng.getstate()}
-
-    def load_state_dict(self, state, device="cpu"):
-        self.max_size = state["max_size"]
-        self.data = [d.to(device) for d in state["data"]]
-        self.rng.setstate(_as_random_state(state["rng"]))
-
-
-def _as_random_state(state):
-    # random.getstate() is a tuple of (int, tuple, None); a round trip through
-    # torch.save with weights_only=True turns the inner tuple into a list.
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
-
-
-class LambdaLR:
-    """Linear decay as the paper: the rate stays at its initial value until
-    `decay_start_epoch`, then falls linearly to 0 at `n_epochs`. `offset` is the
-    epoch training (re)starts from, so a resumed run continues the same curve."""
-
-    def __init__(self, n_epochs, offset, decay_start_epoch):
-        if decay_start_epoch >= n_epochs:
-            raise ValueError(
-                f"--decay_epoch ({decay_start_epoch}) must be smaller than --n_epochs ({n_epochs}): "
-                f"the learning rate decays linearly to 0 between them"
-            )
-        self.n_epochs = n_epochs
-        self.offset = offset
-        self.decay_start_epoch = decay_start_epoch
-
-    def step(self, epoch):
-        return 1.0 - max(0, epoch + self.offset - self.decay_start_epoch) / (self.n_epochs - self.decay_start_epoch)
-
-
-class BudgetLR:
-    """The learning-rate factor of a run of `total` iterations (--budget), stepped once per
-    iteration: a linear warm-up over the first `warmup` fraction, constant, then a linear
-    decay to 0 over the last `decay` fraction. (The seed's LambdaLR is in epochs, and a short
-    run never reaches its --decay_epoch.)"""
-
-    def __init__(self, total, warmup=0.0, decay=0.5):
-        self.total = total
-        self.warmup_iters, self.decay_iters = round(warmup * total), round(decay * total)
-
-    def step(self, iteration):
-        factor = 1.0
-        if self.warmup_iters > 0:
-            factor = min(factor, (iteration + 1) / self.warmup_iters)
-        if self.decay_iters > 0:
-            factor = min(factor, (self.total - iteration) / self.decay_iters)
-        return max(factor, 0.0)
-
-
-def parse_budget(text):
-    """--budget: ('seconds', s) for 90s, 45min, 1.5h; ('iterations', n) for a plain number."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|min|m|h)?\s*", text or "")
-    if not m or float(m.group(1)) <= 0 or (m.group(2) is None and not m.group(1).isdigit()):
-        raise ValueError(f"{text!r} is neither a time (90s, 45min, 1.5h) nor a whole number of iterations")
-    value, unit = float(m.group(1)), m.group(2)
-    if unit is None:
-        return "iterations", int(value)
-    return "seconds", value * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[unit]
-
-
-def ema_decay(decay, iteration):
-    """The decay of the average's update after `iteration` (0-based) steps: `decay`, held lower
-    at first, min(decay, (1 + t) / (10 + t)) as TensorFlow's ExponentialMovingAverage with
-    num_updates, so that a short run's average is not mostly its random (or identity) start:
-    with 0.999 alone, 700 steps leave half the weight on the start; with the warm-up the
-    average spans about the last ninth of the run until DECAY takes over (step 9000 for 0.999)."""
-    return min(decay, (1 + iteration) / (10 + iteration))
-
-
-@torch.no_grad()
-def update_ema(ema, nets, decay):
-    """ema <- decay * ema + (1 - decay) * weights, for each generator in `ema` ({name: copy})."""
-    for name, ema_net in ema.items():
-        for e, p in zip(ema_net.parameters(), nets[name].parameters()):
-            e.lerp_(p.detach(), 1.0 - decay)
-
+# -----------------------------------------------------------------------------
+# Errors
 
 def die(msg):
     """Stop with one clear line instead of a traceback."""
@@ -156,6 +30,9 @@ def first_line(e, limit=200):
     lines = str(e).strip().splitlines()
     return lines[0][:limit] if lines else ""
 
+
+# -----------------------------------------------------------------------------
+# Files: atomic writes, safe loading
 
 def write_atomic(path, write, hint="the previous one, if any, is intact", required=True, passes=()):
     """The one way every script writes a file: write(f) fills a temporary file in the same
@@ -245,78 +122,6 @@ def check_writable(folder, flag):
             f"choose another folder or make it writable")
 
 
-def hold_run_folder(folder):
-    """An advisory lock (flock) on folder/.lock, held while the returned file is open: two runs
-    started at once with the same name would otherwise both pass the "this folder already holds
-    a run" check and write into one folder. The kernel releases it when the process ends,
-    however it ends, so a crash or SIGKILL leaves no stale lock. Another holder: one line naming
-    it."""
-    if fcntl is None:
-        print(f"note: no fcntl on this platform: nothing stops a second run from writing into {folder} at the same time",
-              file=sys.stderr)
-        return nullcontext()
-    os.makedirs(folder, exist_ok=True)
-    f = open(os.path.join(folder, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = lock_holder(f)
-        f.close()
-        die(f"{folder} is in use by another run ({holder}); wait for it to end, or start this one with "
-            f"another --dataset_name")
-    f.seek(0)
-    f.truncate()
-    command = " ".join(["python"] + [os.path.basename(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0] else "python"
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {command[:200]}\n")
-    f.flush()
-    HELD_LOCKS[:] = [held for held in HELD_LOCKS if not held.closed] + [f]
-    return f
-
-
-HELD_LOCKS = []  # the run folders' lock files this process holds
-
-
-def let_go_of_held_locks():
-    """In a forked child (a data-loading worker): its copy of a lock's file descriptor would
-    keep the run folder locked after a SIGKILLed parent, until the worker noticed and ended.
-    The descriptor becomes /dev/null instead (closing it would let its number be reused under
-    the file object's feet)."""
-    for f in HELD_LOCKS:
-        if not f.closed:
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, f.fileno())
-            os.close(null)
-    HELD_LOCKS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=let_go_of_held_locks)
-
-
-def lock_holder(f):
-    """What the holder of a run folder's lock wrote of itself. It writes just after it locks, so
-    a reader may come in between and see nothing, or the previous holder's words: it looks
-    again for up to a second until it reads a process that is alive."""
-    for _ in range(10):
-        f.seek(0)
-        text = f.read().strip()
-        pid = re.match(r"pid (\d+) on (\S+)", text)
-        if pid and (pid[2] != socket.gethostname() or process_alive(int(pid[1]))):
-            return text
-        time.sleep(0.1)
-    return text or "a process that has not said which"
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def print_lines_as_they_come():
     """Every line a script prints reaches a file or pipe when it is printed: Python holds back
     about 8 KB of standard output that is not a terminal, so `nohup python cyclegan.py > log &`
@@ -324,14 +129,6 @@ def print_lines_as_they_come():
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
-
-
-def clean_killed_saves(folder):
-    """The temporary files write_atomic leaves behind when it is killed midway."""
-    if os.path.isdir(folder):
-        for f in os.listdir(folder):
-            if f.startswith(".tmp-"):
-                os.remove(os.path.join(folder, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -350,151 +147,6 @@ def load_checkpoint(path, map_location="cpu"):
         )
     except Exception as e:  # truncated or not a torch file at all
         die(f"checkpoint {path} could not be read ({type(e).__name__}: {first_line(e)}); is it a complete .pth file?")
-
-
-# -----------------------------------------------------------------------------
-# The full training state (last.pt): everything --resume needs to continue exactly
-
-def rng_state():
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": (version, list(internal), gauss),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state):
-    random.setstate(_as_random_state(state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_finite_weights(nets, iteration, model_dir):
-    """Stop before non-finite weights are written anywhere (over a good last.pt, or as a .pth);
-    `iteration` is the last one done."""
-    broken = [name for name, net in nets.items() if not all(bool(torch.isfinite(p).all()) for p in net.parameters())]
-    if broken:
-        die(f"the weights of {', '.join(broken)} became non-finite by iteration {iteration}; not saving them "
-            f"(the last good state is {model_dir}/last.pt). Try a lower --lr or --amp none")
-
-
-class TrainingState:
-    """Everything --resume needs to continue a run exactly, under one name: the networks,
-    their optimizers and learning-rate schedulers, the replay buffers, the GradScaler (fp16),
-    the position (epoch, and batch within it, to continue from), the moving averages of the
-    generators' weights (--ema; what is published as G_*.pth, while the raw weights go on
-    training), and what the run carries beside them: the best FID of each generator so far
-    (best_G_*.pth), and the device type
-    and precision it trained in, which a resume is compared with, and the algorithm (a
-    CycleGAN run is not continued as a CUT one). state_dict() is the content of last.pt (with
-    the arguments and the RNG states); load_state_dict() restores it. Under DDP every process
-    holds its own replay buffers: save() gathers them."""
-
-    def __init__(self, opt, nets, optimizers, schedulers, buffers, scaler=None, device_type="cpu", precision="fp32", ema=None,
-                 algorithm="CycleGAN"):
-        self.opt, self.nets, self.optimizers, self.schedulers = opt, nets, optimizers, schedulers
-        self.ema = ema or {}  # {"G_AB": averaged copy, "G_BA": ...}, or {} without --ema
-        # {"fake_A": ReplayBuffer, "fake_B": ReplayBuffer} (CycleGAN), {"fake_B": ...} (CUT): saved in this order
-        self.buffers, self.scaler = buffers, scaler
-        self.algorithm = algorithm
-        self.epoch, self.batch = opt.epoch, 0
-        self.best_fid = {}
-        self.device_type, self.precision = device_type, precision
-
-    def published(self):
-        """The networks as the run publishes them (G_*.pth, evaluations, sample grids):
-        the averaged generators where --ema keeps them, the raw ones otherwise."""
-        return {**self.nets, **self.ema}
-
-    def buffer_states(self):
-        return tuple(buffer.state_dict() for buffer in self.buffers.values())
-
-    def state_dict(self, replay_buffers=None):
-        """`replay_buffers`: the buffer states (fake_A, fake_B) of every process (DDP); by
-        default this process's alone."""
-        state = {"args": vars(self.opt), "algorithm": self.algorithm, "epoch": self.epoch, "batch": self.batch, "rng": rng_state(),
-                 "replay_buffers": replay_buffers or [self.buffer_states()],
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                 "best_fid": self.best_fid, "device_type": self.device_type, "precision": self.precision}
-        state.update({name: net.state_dict() for name, net in self.nets.items()})
-        state.update({"ema_" + name: net.state_dict() for name, net in self.ema.items()})
-        state.update({name: o.state_dict() for name, o in self.optimizers.items()})
-        state.update({"scheduler_" + name: s.state_dict() for name, s in self.schedulers.items()})
-        return state
-
-    def load_state_dict(self, state, optimizer_options=None, rank=0, world_size=1, device="cpu"):
-        """`optimizer_options` (fused/foreach) are those of the device in use now: a state saved
-        on CUDA would otherwise carry fused=True into a CPU optimizer."""
-        for name, net in self.nets.items():
-            net.load_state_dict(state[name])
-        for name, net in self.ema.items():
-            net.load_state_dict(state["ema_" + name])
-        for name, o in self.optimizers.items():
-            o.load_state_dict(state[name])
-            for group in o.param_groups:
-                group.update(optimizer_options or {})
-        for name, s in self.schedulers.items():
-            s.load_state_dict(state["scheduler_" + name])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        saved_buffers = state["replay_buffers"]  # one tuple of buffer states per process of the saved run
-        if len(saved_buffers) != world_size and state["batch"] != 0:
-            die(f"--resume: last.pt was saved mid-epoch by {len(saved_buffers)} process(es), and this run has {world_size}; "
-                f"the rest of that epoch cannot be split the same way. Resume with {len(saved_buffers)} process(es), "
-                f"or from a last.pt saved at the end of an epoch")
-        for buffer, saved in zip(self.buffers.values(), saved_buffers[rank % len(saved_buffers)], strict=True):  # round robin if fewer
-            buffer.load_state_dict(saved, device)
-        set_rng_state(state["rng"])
-        self.epoch, self.batch = state["epoch"], state["batch"]
-        self.best_fid = dict(state.get("best_fid", {}))
-
-    def save(self, path, group=None):
-        """Write `path` (last.pt) atomically. Under DDP every process calls this (each hands
-        over its replay buffers, over the CPU `group`) and rank 0 writes."""
-        replay_buffers = None
-        if dist.is_initialized():
-            replay_buffers = [None] * dist.get_world_size()
-            dist.all_gather_object(replay_buffers, self.buffer_states(), group=group)
-            if dist.get_rank() != 0:
-                return
-        save_atomic(self.state_dict(replay_buffers), path,
-                    "the previous one, if any, is intact: free some space, then continue with --resume")
-
-
-class StopSignal:
-    """Ctrl-C or SIGTERM: finish the batch in hand, save last.pt, exit with 128 + the signal
-    number; a second Ctrl-C exits at once. Under DDP every process must stop after the same
-    batch, or the others would wait forever in the next gradient all-reduce: agreed() takes
-    the maximum of all processes' flags, once per batch, with an all-reduce of a CPU tensor
-    over a gloo `group`, so stopping costs no device synchronisation."""
-
-    def __init__(self, message=None, group=None):
-        # received: this process's signal; signum: the one all processes agreed on. (Kept apart,
-        # because a signal handled while agreed() waits in its all-reduce, whose flag went out
-        # without it, would otherwise be overwritten by that all-reduce's result and lost.)
-        self.received, self.signum, self.message, self.group = None, None, message, group
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        if self.received is not None:  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
-        self.received = signum
-        if self.message:
-            print(f"\n{signal.Signals(signum).name} received: {self.message}", file=sys.stderr, flush=True)
-
-    def agreed(self):
-        flag = torch.tensor([self.received or 0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        self.signum = int(flag[0]) or None
-        return self.signum is not None
 
 
 # -----------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def make_opts(nets, lr=2e-4):
 
 
 def make_buffers(size=50, seed_A=None, seed_B=None):
-    from utils import ReplayBuffer
+    from gan import ReplayBuffer
     return {"fake_A": ReplayBuffer(size, seed=seed_A), "fake_B": ReplayBuffer(size, seed=seed_B)}
 
 

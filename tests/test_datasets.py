@@ -552,7 +552,6 @@ def test_load_size_of_the_crop_trains_at_the_images_own_scale(tmp_path, monkeypa
     the flag goes from the command line to the training set."""
     import cyclegan
     import training
-    from types import SimpleNamespace
     pixels = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     for domain in ("trainA", "trainB"):
         os.makedirs(tmp_path / "data" / "one" / domain)
@@ -563,7 +562,7 @@ def test_load_size_of_the_crop_trains_at_the_images_own_scale(tmp_path, monkeypa
                                   "--img_height", "32", "--img_width", "32", "--load_size", "32", "--seed", "0",
                                   "--n_cpu", "0", "--amp", "none"])
     assert opt.load_size == 32
-    procs = SimpleNamespace(local_rank=0, master=True, ddp=False, world_size=1, rank=0, group=None)
+    procs = training.Processes()
     dataset = training.build_data(opt, torch.device("cpu"), procs)[1]
     seen = [dataset[0]["A"] for _ in range(8)]
     for x in seen:

@@ -24,14 +24,13 @@ is off by ~1. bf16 keeps 8 significant bits: losses ~1e-2 off, gradients 10-40% 
 default fp32 convolutions use TF32 (inputs rounded to 11 significant bits, fp32 sums): bf16's
 bound holds for them."""
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import cyclegan
+import gan
 import training
-import utils
 
 FP32_TOL = (1e-4, 0.2)
 BF16_TOL = (5e-2, 1.0)
@@ -74,9 +73,9 @@ def run_steps(device, dtype=torch.float32, amp="none", compile_mode=None, tf32=F
     nets, _ = cyclegan.build_networks(opt, torch.device("cpu"))  # drawn on the CPU: the same weights everywhere
     nets = {name: net.to(device, dtype) for name, net in nets.items()}
     optimizers, _ = cyclegan.build_optimizers(opt, nets, device)
-    buffers = {"fake_A": utils.ReplayBuffer(1, seed=1), "fake_B": utils.ReplayBuffer(1, seed=2)}
-    _, autocast, scaler = training.setup_precision(opt, device, SimpleNamespace(master=True))
-    step_nets = training.networks_for_step(nets, opt, device, SimpleNamespace(ddp=False))
+    buffers = {"fake_A": gan.ReplayBuffer(1, seed=1), "fake_B": gan.ReplayBuffer(1, seed=2)}
+    _, autocast, scaler = training.setup_precision(opt, device, training.Processes())
+    step_nets = training.networks_for_step(nets, opt, device, training.Processes())
     g = torch.Generator().manual_seed(1)
     real_A, real_B = ((torch.rand(1, 3, 32, 32, generator=g) * 2 - 1).to(device, dtype) for _ in range(2))
     before, losses, grads = [], [], []
@@ -131,6 +130,6 @@ def test_the_comparison_catches_a_step_whose_discriminators_see_the_last_steps_f
         last[id(buffer)] = fakes.detach().clone()
         return out
 
-    monkeypatch.setattr(utils.ReplayBuffer, "push_and_pop", one_step_late)
+    monkeypatch.setattr(gan.ReplayBuffer, "push_and_pop", one_step_late)
     loss_err, grad_err = errors(run_steps(torch.device("cpu"), states=float64_run[0]), float64_run)
     assert loss_err > 100 * FP32_TOL[0] and grad_err > FP32_TOL[1]

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import augment
+import budget
 import cyclegan
+import gan
 import models
 import training
 import utils
@@ -40,7 +42,7 @@ def test_ema_update_is_the_closed_form_of_its_recursion():
     decay = 0.9
     # fixed weights: after k updates the average is decay^k e0 + (1 - decay^k) w
     for _ in range(7):
-        utils.update_ema({"G": ema}, {"G": net}, decay)
+        gan.update_ema({"G": ema}, {"G": net}, decay)
     for e, start, w in zip(ema.parameters(), e0, net.parameters()):
         torch.testing.assert_close(e, decay ** 7 * start + (1 - decay ** 7) * w, rtol=1e-12, atol=1e-12)
     # moving weights: sum_k (1 - decay) decay^(n-1-k) w_k + decay^n e_0
@@ -51,7 +53,7 @@ def test_ema_update_is_the_closed_form_of_its_recursion():
             for p in net.parameters():
                 p.add_(0.1 * (k + 1))
         history.append([p.detach().clone() for p in net.parameters()])
-        utils.update_ema({"G": ema}, {"G": net}, decay)
+        gan.update_ema({"G": ema}, {"G": net}, decay)
     for j, e in enumerate(ema.parameters()):
         expected = decay ** 5 * e_start[j] + sum((1 - decay) * decay ** (4 - k) * history[k][j] for k in range(5))
         torch.testing.assert_close(e, expected, rtol=1e-12, atol=1e-12)
@@ -65,16 +67,16 @@ def test_ema_warm_up_leaves_a_short_run_little_of_its_start():
     e0 = [p.detach().clone() for p in ema.parameters()]
     n = 30
     for t in range(n):
-        utils.update_ema({"G": ema}, {"G": net}, utils.ema_decay(0.999, t))
+        gan.update_ema({"G": ema}, {"G": net}, gan.ema_decay(0.999, t))
     share = math.factorial(9) * math.factorial(n) / math.factorial(n + 9)
     for e, start, w in zip(ema.parameters(), e0, net.parameters()):
         torch.testing.assert_close(e, share * start + (1 - share) * w, rtol=1e-12, atol=1e-12)
-    assert utils.ema_decay(0.999, 0) == pytest.approx(0.1) and utils.ema_decay(0.999, 10**6) == 0.999
+    assert gan.ema_decay(0.999, 0) == pytest.approx(0.1) and gan.ema_decay(0.999, 10**6) == 0.999
     # 700 steps: the warm-up leaves the start next to nothing where 0.999 alone leaves half;
     # until about step 9000 the average spans the last ninth or so of the run
-    kept = math.prod(utils.ema_decay(0.999, t) for t in range(700))
+    kept = math.prod(gan.ema_decay(0.999, t) for t in range(700))
     assert kept < 1e-6 and 0.999 ** 700 > 0.4
-    assert utils.ema_decay(0.999, 8000) < 0.999 == utils.ema_decay(0.999, 9000)
+    assert gan.ema_decay(0.999, 8000) < 0.999 == gan.ema_decay(0.999, 9000)
 
 
 def test_a_run_with_ema_publishes_the_average_and_keeps_both_in_last_pt(tmp_path, capsys):
@@ -94,25 +96,6 @@ def test_a_run_with_ema_publishes_the_average_and_keeps_both_in_last_pt(tmp_path
     G = models.load_generator(str(models_dir / "last.pt"), "G_AB")
     assert "moving average" in capsys.readouterr().err
     assert all(torch.equal(v, last["ema_G_AB"][k]) for k, v in G.state_dict().items())
-
-
-# -----------------------------------------------------------------------------
-# --warp through the scripts
-
-@pytest.mark.parametrize("script", ["cyclegan", "cut"])
-def test_warp_alone_builds_generators_with_a_field_that_start_as_the_identity(script):
-    import cut
-    module = {"cyclegan": cyclegan, "cut": cut}[script]
-    opt = module.get_parser().parse_args(["--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1",
-                                          "--ngf", "8", "--warp"])  # no --identity_start: --warp implies it
-    torch.manual_seed(0)
-    nets, _ = module.build_networks(opt, torch.device("cpu"))
-    x = torch.rand(2, opt.channels, 32, 32) * 2 - 1
-    generators = [name for name in nets if name.startswith("G")]
-    assert generators and all(hasattr(nets[g], "flow") for g in generators)
-    for g in generators:
-        with torch.no_grad():
-            torch.testing.assert_close(nets[g].eval()(x), x, rtol=0, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -204,11 +187,11 @@ def test_train_step_shows_the_discriminators_only_augmented_images():
 
 def test_budget_schedule_warms_up_holds_and_decays_linearly_to_zero():
     total, lr = 20, 1.0
-    f = utils.BudgetLR(total, warmup=0.1, decay=0.5).step
+    f = budget.BudgetLR(total, warmup=0.1, decay=0.5).step
     expected = [min(1.0, (k + 1) / 2, (total - k) / 10) for k in range(total)]
     assert [f(k) for k in range(total)] == pytest.approx(expected)
     assert f(0) == 0.5 and f(1) == 1.0 and f(9) == 1.0 and f(10) == 1.0 and f(19) == pytest.approx(0.1)
-    assert [utils.BudgetLR(8, 0, 0).step(k) for k in range(8)] == [1.0] * 8  # no decay: constant
+    assert [budget.BudgetLR(8, 0, 0).step(k) for k in range(8)] == [1.0] * 8  # no decay: constant
     # as the optimizers see it, stepped once per iteration
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
@@ -223,7 +206,7 @@ def test_budget_schedule_warms_up_holds_and_decays_linearly_to_zero():
 @pytest.mark.parametrize("text, parsed", [("90s", ("seconds", 90)), ("45min", ("seconds", 2700)), ("1.5h", ("seconds", 5400)),
                                           ("2m", ("seconds", 120)), ("5000", ("iterations", 5000))])
 def test_budget_reads_times_and_iteration_counts(text, parsed):
-    assert utils.parse_budget(text) == parsed
+    assert budget.parse_budget(text) == parsed
 
 
 @pytest.mark.parametrize("args, message", [
@@ -284,9 +267,9 @@ def test_a_time_budget_is_planned_again_from_the_runs_own_speed():
     iterations whose steps and evaluations fit the 40 s left, by brute force."""
     opt = argparse.Namespace(budget="60s", budget_iters=1000, n_epochs=34, warmup=0.0, decay_fraction=0.5, eval_interval=2)
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, utils.BudgetLR(1000, 0.0, 0.5).step)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.BudgetLR(1000, 0.0, 0.5).step)
     procs = argparse.Namespace(ddp=False, master=False)
-    training.replan_budget(opt, 100, 30, procs, started=0.0, loop_started=10.0, eval_s=5.0,
+    budget.replan_budget(opt, 100, 30, procs, started=0.0, loop_started=10.0, eval_s=5.0,
                            schedulers={"optimizer_G": scheduler}, log=None, now=20.0)
 
     def fits(more):
@@ -301,5 +284,5 @@ def test_a_time_budget_is_planned_again_from_the_runs_own_speed():
     # a run on schedule (no evaluations, 0.1 s per iteration, 500 planned, 40 s left after 100) keeps its plan
     opt = argparse.Namespace(budget="60s", budget_iters=500, n_epochs=17, warmup=0.0, decay_fraction=0.5, eval_interval=0)
     lambdas = scheduler.lr_lambdas
-    training.replan_budget(opt, 100, 30, procs, 0.0, 10.0, 0.0, {"optimizer_G": scheduler}, None, now=20.0)
+    budget.replan_budget(opt, 100, 30, procs, 0.0, 10.0, 0.0, {"optimizer_G": scheduler}, None, now=20.0)
     assert (opt.budget_iters, opt.n_epochs) == (500, 17) and scheduler.lr_lambdas is lambdas

@@ -22,7 +22,6 @@ from models import (
     clean_state_dict,
     generator_config,
     receptive_field_for,
-    warp,
     weights_init_normal,
 )
 
@@ -320,48 +319,6 @@ def test_identity_start_generator_is_exactly_the_identity_before_training_and_ad
     loaded = build_generator(G.state_dict())
     assert loaded.identity_start and not build_generator(plain.state_dict()).identity_start
     torch.testing.assert_close(run(loaded, x), run(G, x), rtol=0, atol=0)
-
-
-def test_warp_moves_pixels_by_whole_and_half_pixels_and_repeats_the_border():
-    x = rand_input(2, 3, 10, 12)
-    flow = torch.zeros(2, 2, 10, 12)
-    flow[:, 0] = 2  # every pixel takes the one two columns to its right
-    shifted = warp(x, flow)
-    torch.testing.assert_close(shifted[..., :-2], x[..., 2:], rtol=0, atol=1e-5)
-    torch.testing.assert_close(shifted[..., -2:], x[..., -1:].expand(-1, -1, -1, 2), rtol=0, atol=1e-5)
-    flow = torch.zeros(2, 2, 10, 12)
-    flow[:, 1] = -0.5  # half a row up: the mean of a pixel and the one above it
-    torch.testing.assert_close(warp(x, flow)[..., 1:, :], (x[..., 1:, :] + x[..., :-1, :]) / 2, rtol=0, atol=1e-5)
-    torch.testing.assert_close(warp(x, torch.zeros(2, 2, 10, 12)), x, rtol=0, atol=1e-5)
-
-
-def test_warp_generator_starts_as_the_identity_resamples_along_its_field_and_loads_back():
-    G = seeded(lambda: GeneratorResNet((3, 32, 32), 2, ngf=16, warp=True))
-    G.apply(weights_init_normal)
-    G.start_as_identity()
-    x = rand_input(2, 3, 32, 28)
-    assert G.identity_start  # warp implies the global skip
-    torch.testing.assert_close(run(G, x), x, rtol=0, atol=1e-5)
-    plain = GeneratorResNet((3, 32, 32), 2, ngf=16, identity_start=True)
-    assert set(G.state_dict()) - set(plain.state_dict()) == {"flow.weight", "flow.bias"}
-    assert generator_config(G.state_dict()) == generator_config(plain.state_dict())
-    with torch.no_grad():  # a constant field of one column to the right, and a constant colour change
-        G.flow.bias.copy_(torch.tensor([1.0, 0.0]))
-        G.model[-2].bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-    expected = torch.cat([x[..., 1:], x[..., -1:]], dim=3) + torch.tensor([0.1, -0.2, 0.3]).view(1, 3, 1, 1)
-    torch.testing.assert_close(run(G, x), expected, rtol=0, atol=1e-5)
-    loaded = build_generator(G.state_dict())
-    assert loaded.warp and not build_generator(plain.state_dict()).warp
-    torch.testing.assert_close(run(loaded, x), run(G, x), rtol=0, atol=0)
-
-
-def test_warp_generator_gets_gradients_for_its_displacement_field_from_the_first_step():
-    G = seeded(lambda: GeneratorResNet((3, 16, 16), 1, ngf=8, warp=True))
-    G.apply(weights_init_normal)
-    G.start_as_identity()
-    x = rand_input(1, 3, 16, 16)
-    (G.train()(x) - x.roll(1, dims=3)).abs().mean().backward()
-    assert G.flow.weight.grad.abs().sum() > 0 and G.flow.bias.grad.abs().sum() > 0
 
 
 # -----------------------------------------------------------------------------

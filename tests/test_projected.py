@@ -159,7 +159,7 @@ def test_missing_package_stops_with_one_line_naming_pip_install():
 
 @pytest.mark.parametrize("mode", ["lsgan", "hinge", "vanilla"])
 def test_gan_losses_are_their_formulas_for_d_and_g_and_several_ds_average(mode):
-    from training import gan_loss
+    from gan import gan_loss
     torch.manual_seed(0)
     x = torch.randn(2, 1, 5, 5, dtype=torch.float64) * 3
     y = torch.randn(2, 7, dtype=torch.float64)

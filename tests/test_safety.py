@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import cyclegan
 import utils
 from conftest import make_data, one_thread_env, run_translate, start_cli, write_images
@@ -109,7 +110,7 @@ def test_a_held_run_folder_refuses_every_kind_of_start_names_the_holder_and_is_f
     # another process holds the folder, as a running cyclegan.py does
     hold = tiny / "hold.py"
     hold.write_text("import sys\nsys.path.insert(0, sys.argv[1])\nimport utils\n"
-                    "lock = utils.hold_run_folder('saved_models/tiny')\nprint('held', flush=True)\nsys.stdin.read()\n")
+                    "lock = checkpoint.hold_run_folder('saved_models/tiny')\nprint('held', flush=True)\nsys.stdin.read()\n")
     holder = start_cli(hold, ROOT, cwd=tiny, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
@@ -134,7 +135,7 @@ def test_a_forked_child_such_as_a_data_worker_does_not_keep_the_run_folder_locke
     import fcntl
     import multiprocessing
     folder = str(tmp_path / "run")
-    held = utils.hold_run_folder(folder)
+    held = checkpoint.hold_run_folder(folder)
     fork = multiprocessing.get_context("fork")
     started = fork.Event()
     child = fork.Process(target=lambda: (started.set(), signal.pause()), daemon=True)

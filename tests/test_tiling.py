@@ -20,6 +20,9 @@ tt = translate_script()
 ARCHS = {
     "seed": lambda c: GeneratorResNet((c, 0, 0), 1),  # Upsample + conv, reflection pads
     "official": lambda c: OfficialGenerator(c, c, 16, 2),  # transposed convolutions
+    # the anti-aliased layout: stride-1 convs then reflection-padded blurs of stride 2, and
+    # replication-padded transposed blurs (tiling.py opens both into plain layers)
+    "antialiased": lambda c: GeneratorResNet((c, 0, 0), 1, antialias=True, antialias_up=True),
 }
 
 

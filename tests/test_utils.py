@@ -8,9 +8,12 @@ import random
 import pytest
 import torch
 
+import checkpoint
 import utils
+from checkpoint import StopSignal, TrainingState, set_rng_state
+from gan import LambdaLR, ReplayBuffer
 from utils import cpu_info as real_cpu_info  # imported before conftest fakes utils.cpu_info
-from utils import LambdaLR, ReplayBuffer, load_checkpoint, save_atomic
+from utils import load_checkpoint, save_atomic
 
 
 def img(value, n=1):
@@ -283,20 +286,20 @@ def tiny_training(seed=0, scaler=None):
                   "optimizer_D": torch.optim.Adam(nets["D"].parameters(), lr=1e-3, foreach=True)}
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1.0 - e / 10) for k, o in optimizers.items()}
     buffers = {"fake_A": ReplayBuffer(2, seed=1), "fake_B": ReplayBuffer(2, seed=2)}
-    return utils.TrainingState(argparse.Namespace(seed=3, epoch=0), nets, optimizers, schedulers, buffers, scaler)
+    return TrainingState(argparse.Namespace(seed=3, epoch=0), nets, optimizers, schedulers, buffers, scaler)
 
 
-def train_a_little(training, steps=3):
-    nets = training.nets
+def train_a_little(run_state, steps=3):
+    nets = run_state.nets
     for _ in range(steps):
         x = torch.randn(4, 3)
-        loss = nets["D"](training.buffers["fake_A"].push_and_pop(nets["G"](x))).mean() + nets["G"](x).pow(2).mean()
-        for o in training.optimizers.values():
+        loss = nets["D"](run_state.buffers["fake_A"].push_and_pop(nets["G"](x))).mean() + nets["G"](x).pow(2).mean()
+        for o in run_state.optimizers.values():
             o.zero_grad()
         loss.backward()
-        for o in training.optimizers.values():
+        for o in run_state.optimizers.values():
             o.step()
-        for s in training.schedulers.values():
+        for s in run_state.schedulers.values():
             s.step()
 
 
@@ -304,14 +307,14 @@ def test_training_state_round_trip_restores_everything_including_the_grad_scaler
     """--amp fp16: the GradScaler's scale and growth tracker are part of the state; a resume
     that restarted them at 2**16 would skip steps the uninterrupted run takes."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    training = tiny_training(scaler=scaler)
-    train_a_little(training)
+    run_state = tiny_training(scaler=scaler)
+    train_a_little(run_state)
     scaler.scale(torch.ones(()))  # (the scale is created lazily)
     scaler.update(new_scale=512.0)  # as after a few overflows
     scaler._growth_tracker.fill_(7)
-    training.epoch, training.batch, training.best_fid = 2, 5, {"G_AB": 1.5}
+    run_state.epoch, run_state.batch, run_state.best_fid = 2, 5, {"G_AB": 1.5}
     path = tmp_path / "last.pt"
-    training.save(path)
+    run_state.save(path)
     random.random(), torch.rand(1)  # move the global RNGs on: the state must bring them back
 
     state = load_checkpoint(path)
@@ -324,24 +327,24 @@ def test_training_state_round_trip_restores_everything_including_the_grad_scaler
     assert fresh_scaler.state_dict()["scale"] == 512.0 and fresh_scaler.state_dict()["_growth_tracker"] == 7
     # the continuation is the same as continuing the original
     after_restore = (random.random(), torch.rand(1).item())
-    utils.set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     assert after_restore == (random.random(), torch.rand(1).item())
-    utils.set_rng_state(state["rng"])
-    train_a_little(training)
-    utils.set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
+    train_a_little(run_state)
+    set_rng_state(state["rng"])
     train_a_little(fresh)
     for name in ("G", "D"):
-        for p, q in zip(training.nets[name].parameters(), fresh.nets[name].parameters()):
+        for p, q in zip(run_state.nets[name].parameters(), fresh.nets[name].parameters()):
             assert torch.equal(p, q)
 
 
 def test_training_state_saved_with_fused_adam_loads_with_the_options_of_this_device(tmp_path):
     """A last.pt written on CUDA carries fused=True in its optimizer state; resumed on
     the CPU, the optimizers must use the CPU's options."""
-    training = tiny_training()
-    train_a_little(training)
-    training.epoch = 1
-    training.save(tmp_path / "last.pt")
+    run_state = tiny_training()
+    train_a_little(run_state)
+    run_state.epoch = 1
+    run_state.save(tmp_path / "last.pt")
     state = load_checkpoint(tmp_path / "last.pt")
     for name in ("optimizer_G", "optimizer_D"):
         for group in state[name]["param_groups"]:
@@ -353,9 +356,9 @@ def test_training_state_saved_with_fused_adam_loads_with_the_options_of_this_dev
 
 
 def test_training_state_refuses_a_mid_epoch_resume_with_another_process_count(tmp_path, capsys):
-    training = tiny_training()
-    training.epoch, training.batch = 1, 3
-    training.save(tmp_path / "last.pt")
+    run_state = tiny_training()
+    run_state.epoch, run_state.batch = 1, 3
+    run_state.save(tmp_path / "last.pt")
     state = load_checkpoint(tmp_path / "last.pt")
     with pytest.raises(SystemExit):
         tiny_training().load_state_dict(state, world_size=2)
@@ -501,7 +504,7 @@ def test_a_signal_that_arrives_during_the_stop_all_reduce_is_honoured_after_the_
     import signal as sig
     saved = {s: sig.getsignal(s) for s in (sig.SIGINT, sig.SIGTERM)}
     try:
-        stop = utils.StopSignal()
+        stop = StopSignal()
         calls = []
 
         def all_reduce(flag, op=None, group=None):  # the other process's flag is 0
@@ -509,8 +512,8 @@ def test_a_signal_that_arrives_during_the_stop_all_reduce_is_honoured_after_the_
             if len(calls) == 1:
                 stop._on_signal(sig.SIGTERM, None)  # handled while this process waits
 
-        monkeypatch.setattr(utils.dist, "is_initialized", lambda: True)
-        monkeypatch.setattr(utils.dist, "all_reduce", all_reduce)
+        monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(checkpoint.dist, "all_reduce", all_reduce)
         assert stop.agreed() is False  # the flag went out without it: everyone goes on
         assert stop.agreed() is True and stop.signum == sig.SIGTERM
         assert calls == [0, sig.SIGTERM]
