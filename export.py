@@ -18,7 +18,7 @@ import os
 import torch
 from torch.export import Dim
 
-from models import generator_channels, generator_config, load_generator
+from models import generator_channels, generator_config, generator_kind, kind_flags, load_generator
 from utils import HelpFormatter, die, first_line, print_lines_as_they_come, write_atomic
 
 # What a caller must do around the network; written into every exported file.
@@ -60,9 +60,11 @@ def example_and_shapes(G):
 def metadata(G, checkpoint, generator):
     arch, channels, channels_out, n_blocks = generator_config(G.state_dict())
     colour = "RGB" if channels == 3 else "grayscale" if channels == 1 else "channels"
+    blurs = generator_kind(G.state_dict())
+    kind = f" ({kind_flags(blurs)})" if arch == "seed" and any(blurs.values()) else ""
     meta = {k: v.format(channels=channels, channels_out=channels_out, colour=colour) for k, v in CONTRACT.items()}
     meta.update({
-        "architecture": f"{arch} ResNet generator, {n_blocks} residual block{'s' if n_blocks != 1 else ''}",
+        "architecture": f"{arch} ResNet generator{kind}, {n_blocks} residual block{'s' if n_blocks != 1 else ''}",
         "source": os.path.basename(checkpoint) + (f" [{generator}]" if generator else ""),
     })
     return meta

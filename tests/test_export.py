@@ -58,12 +58,13 @@ def compare(G, run, channels=3):
 
 
 
-@pytest.fixture(scope="module", params=["seed", "official"])
+@pytest.fixture(scope="module", params=["seed", "official", "antialiased"])
 def exported(request, tmp_path_factory):
     """(arch, G, checkpoint, the .onnx file) for each architecture, exported once."""
     d = tmp_path_factory.mktemp(f"export_{request.param}")
-    G = make_generator(official=request.param == "official", ngf=16, n_blocks=1)
-    ckpt = d / ("G_AB_3.pth" if request.param == "seed" else "latest_net_G.pth")
+    G = make_generator(official=request.param == "official", ngf=16, n_blocks=1,
+                       antialias=request.param == "antialiased")
+    ckpt = d / ("latest_net_G.pth" if request.param == "official" else "G_AB_3.pth")
     torch.save(G.state_dict(), ckpt)
     export.main(["--checkpoint", str(ckpt), "--format", "onnx", "--output", str(d / "g.onnx")])
     return request.param, G, ckpt, d / "g.onnx"
@@ -103,7 +104,11 @@ def test_onnx_metadata_states_input_range_padding_and_output_mapping(exported):
     assert "multiples of 4" in meta["size"]
     assert "reflection" in meta["padding"] and "crop" in meta["padding"]
     assert "(y + 1) / 2" in meta["output"] and "clipped to [-1, 1]" in meta["output"]
-    assert meta["architecture"].startswith(arch) and "1 residual block" in meta["architecture"]
+    if arch == "antialiased":  # the seed's layout, with both blurs
+        assert meta["architecture"].startswith("seed ResNet generator (--antialias --antialias_up)")
+    else:
+        assert meta["architecture"].startswith(arch) and "--antialias" not in meta["architecture"]
+    assert "1 residual block" in meta["architecture"]
     assert meta["source"] == ckpt.name
 
 

@@ -350,6 +350,7 @@ GENERATORS = {
     "seed": lambda: GeneratorResNet((3, 256, 256), 2),
     "official": lambda: OfficialGenerator(3, 3, 64, 2),
     "seed_reference": lambda: SeedGeneratorResNet((3, 256, 256), 2),
+    "antialiased": lambda: GeneratorResNet((3, 256, 256), 2, antialias=True, antialias_up=True),
 }
 
 
