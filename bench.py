@@ -43,7 +43,8 @@ from utils import HelpFormatter, die, pick_device, pick_precision, precision_nam
 
 ROW_OPTIONS = {"fp32": ["--amp", "none"], "bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"],
                "channels_last": ["--channels_last"], "compile": ["--compile", "default"],
-               "cudagraphs": ["--compile", "reduce-overhead"]}
+               "cudagraphs": ["--compile", "reduce-overhead"], "antialias": ["--antialias"],
+               "antialias_up": ["--antialias_up"]}
 
 
 def get_parser():
@@ -59,6 +60,9 @@ def get_parser():
     p.add_argument("--netD", default="patch", choices=gan.NETDS, metavar="KIND", help="as cyclegan.py's")
     p.add_argument("--gan_mode", default="lsgan", choices=gan.GAN_MODES, help="as cyclegan.py's")
     p.add_argument("--diffaug", default="", metavar="POLICY", help="as cyclegan.py's (e.g. color,translation,cutout)")
+    for flag in ("antialias", "antialias_up"):
+        p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"as cyclegan.py's --{flag} (default: the script's own, off in cyclegan.py, on in cut.py)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="as cyclegan.py's --amp")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "reduce-overhead"),
@@ -126,6 +130,10 @@ def build_step(opt, device):
     train_opt.n_residual_blocks, train_opt.amp, train_opt.compile = opt.n_residual_blocks, opt.amp, opt.compile
     train_opt.ngf, train_opt.d_receptive_field = opt.ngf, opt.d_receptive_field
     train_opt.netD, train_opt.gan_mode, train_opt.diffaug = opt.netD, opt.gan_mode, opt.diffaug
+    for flag in ("antialias", "antialias_up"):
+        if getattr(opt, flag) is not None:
+            setattr(train_opt, flag, getattr(opt, flag))
+    opt.antialias, opt.antialias_up = train_opt.antialias, train_opt.antialias_up  # (for the description)
     procs = training.Processes()  # one process, which prints
     torch.manual_seed(0)
     nets, _ = script.build_networks(train_opt, device)
@@ -165,17 +173,21 @@ def profile_step(step, device, top=15):
 
 
 def step_description(opt):
-    """'cyclegan, 1 residual blocks, ngf 64, D patch 94, lsgan' (and the DiffAugment policy, when on)."""
-    return (f"{opt.model}, {opt.n_residual_blocks} residual blocks, ngf {opt.ngf}, D {opt.netD.replace('patch', f'patch {opt.d_receptive_field}')}, "
-            f"{opt.gan_mode}" + (f", diffaug {opt.diffaug}" if opt.diffaug else ""))
+    """'cyclegan, 1 residual blocks, ngf 64, D patch 94, lsgan' (and the anti-aliased layers and the
+    DiffAugment policy, when on)."""
+    blurs = [name for name, on in (("down", opt.antialias), ("up", opt.antialias_up)) if on]
+    return (f"{opt.model}, {opt.n_residual_blocks} residual blocks, ngf {opt.ngf}, "
+            f"D {opt.netD.replace('patch', f'patch {opt.d_receptive_field}')}, {opt.gan_mode}"
+            + (f", anti-aliased {' and '.join(blurs)}" if blurs else "")
+            + (f", diffaug {opt.diffaug}" if opt.diffaug else ""))
 
 
 def bench(opt, device):
     """Times one configuration and prints its result line (the one `--rows` reads)."""
+    step = build_step(opt, device)  # (first: it settles the script's defaults the description names)
     print(f"bench: {opt.img_size}x{opt.img_size}, {step_description(opt)}, batch {opt.batch_size}, "
           f"{device}, {precision_label(opt.amp, device)}, {f'compiled ({opt.compile})' if opt.compile else 'eager'}, "
           f"{'channels_last' if opt.channels_last else 'NCHW'}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    step = build_step(opt, device)
     # compiled networks recompile in their first steps for each input shape (n and 2n images)
     # and each requires_grad state of the discriminators; CUDA graphs then record before replaying
     warmup = max(opt.warmup, {None: 0, "default": 3, "reduce-overhead": 5}[opt.compile])
@@ -196,11 +208,14 @@ def bench(opt, device):
 
 def row_argv(opt, row):
     """This command for one row: the flags given, with the row's options in place of the default's."""
-    argv = [f"--model={opt.model}", f"--img_size={opt.img_size}", f"--batch_size={opt.batch_size}", f"--n_residual_blocks={opt.n_residual_blocks}",
-            f"--ngf={opt.ngf}", f"--d_receptive_field={opt.d_receptive_field}", f"--netD={opt.netD}", f"--gan_mode={opt.gan_mode}",
-            f"--diffaug={opt.diffaug}",
+    argv = [f"--model={opt.model}", f"--img_size={opt.img_size}", f"--batch_size={opt.batch_size}",
+            f"--n_residual_blocks={opt.n_residual_blocks}", f"--ngf={opt.ngf}", f"--d_receptive_field={opt.d_receptive_field}",
+            f"--netD={opt.netD}", f"--gan_mode={opt.gan_mode}", f"--diffaug={opt.diffaug}",
             f"--device={opt.device}", f"--iters={opt.iters}", f"--warmup={opt.warmup}"] + (["--profile"] if opt.profile else [])
     options = [] if row == "default" else row.split("+")
+    for flag in ("antialias", "antialias_up"):  # a row's blur replaces the flag given
+        on = True if flag in options else getattr(opt, flag)
+        argv += [] if on is None else [f"--{'' if on else 'no-'}{flag}"]
     amp = next((ROW_OPTIONS[o][1] for o in options if o in ("fp32", "bf16", "fp16")), opt.amp)
     compile_mode = next((ROW_OPTIONS[o][1] for o in options if o in ("compile", "cudagraphs")), opt.compile)
     argv += [f"--amp={amp}"] + ([f"--compile={compile_mode}"] if compile_mode else [])
