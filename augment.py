@@ -12,7 +12,8 @@ DIFFAUG_POLICIES = ("color", "translation", "cutout")
 def diff_augment(x, policy, pairs=1):
     """DiffAugment of D's input x. `policy`: comma-separated DIFFAUG_POLICIES. x holds `pairs`
     equal-sized groups (real images, then fakes): image k of every group gets the same draw, so
-    D cannot tell a real image from a fake one by how it was augmented. Draws from torch's global RNG (saved in last.pt)."""
+    D cannot tell a real image from a fake one by how it was augmented. Draws from torch's global
+    RNG (saved in last.pt)."""
     n = x.size(0) // pairs
 
     def draw(*shape):  # one draw per image of a group, repeated for every group

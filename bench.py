@@ -55,8 +55,8 @@ def get_parser():
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--n_residual_blocks", type=int, default=9)
     p.add_argument("--ngf", type=int, default=64, help="as cyclegan.py's --ngf")
-    p.add_argument("--d_receptive_field", type=training.receptive_field_arg, default=94, choices=training.RECEPTIVE_FIELD_CHOICES,
-                   help="as cyclegan.py's")
+    p.add_argument("--d_receptive_field", type=training.receptive_field_arg, default=94,
+                   choices=training.RECEPTIVE_FIELD_CHOICES, help="as cyclegan.py's")
     p.add_argument("--netD", default="patch", choices=gan.NETDS, metavar="KIND", help="as cyclegan.py's")
     p.add_argument("--gan_mode", default="lsgan", choices=gan.GAN_MODES, help="as cyclegan.py's")
     p.add_argument("--diffaug", default="", metavar="POLICY", help="as cyclegan.py's (e.g. color,translation,cutout)")
@@ -69,7 +69,8 @@ def get_parser():
                    help="as cyclegan.py's --compile")
     p.add_argument("--channels_last", action="store_true", help="networks and images in channels_last memory format")
     p.add_argument("--iters", type=int, default=10, help="timed steps (their median is reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiled: at least 3, with CUDA graphs 5)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps first (compiled: at least 3, with CUDA graphs 5)")
     p.add_argument("--profile", action="store_true", help="also print the top operators (self time) of one more step")
     p.add_argument("--rows", default=None,
                    help="compare configurations, each in its own process: comma-separated rows, e.g. "
@@ -91,8 +92,8 @@ def check_flags(opt):
     for row in (opt.rows.split(",") if opt.rows is not None else []):
         options = row.split("+")
         precisions = [o for o in options if o in ("fp32", "bf16", "fp16")]
-        if row != "default" and (set(options) - set(ROW_OPTIONS) or len(precisions) > 1 or len(set(options)) < len(options)
-                                 or {"compile", "cudagraphs"} <= set(options)):
+        if row != "default" and (set(options) - set(ROW_OPTIONS) or len(precisions) > 1
+                                 or len(set(options)) < len(options) or {"compile", "cudagraphs"} <= set(options)):
             die(f"--rows: {row!r} is not a row; use 'default' or options from {', '.join(ROW_OPTIONS)} joined by '+' "
                 f"(one precision; compile or cudagraphs)")
 
@@ -187,7 +188,8 @@ def bench(opt, device):
     step = build_step(opt, device)  # (first: it settles the script's defaults the description names)
     print(f"bench: {opt.img_size}x{opt.img_size}, {step_description(opt)}, batch {opt.batch_size}, "
           f"{device}, {precision_label(opt.amp, device)}, {f'compiled ({opt.compile})' if opt.compile else 'eager'}, "
-          f"{'channels_last' if opt.channels_last else 'NCHW'}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{'channels_last' if opt.channels_last else 'NCHW'}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     # compiled networks recompile in their first steps for each input shape (n and 2n images)
     # and each requires_grad state of the discriminators; CUDA graphs then record before replaying
     warmup = max(opt.warmup, {None: 0, "default": 3, "reduce-overhead": 5}[opt.compile])
@@ -200,7 +202,8 @@ def bench(opt, device):
     s_it = statistics.median(times)
     peak, what = peak_memory_mib(device)
     print(f"steps (s): {' '.join(f'{t:.4g}' for t in times)}")
-    print(f"median {s_it:.6g} s/it, {opt.batch_size / s_it:.6g} images/s, peak memory {peak:.0f} MiB ({what})", flush=True)
+    print(f"median {s_it:.6g} s/it, {opt.batch_size / s_it:.6g} images/s, peak memory {peak:.0f} MiB ({what})",
+          flush=True)
     if opt.profile:
         print(f"\ntop operators of one step:\n{profile_step(step, device)}")
     return s_it
@@ -209,9 +212,11 @@ def bench(opt, device):
 def row_argv(opt, row):
     """This command for one row: the flags given, with the row's options in place of the default's."""
     argv = [f"--model={opt.model}", f"--img_size={opt.img_size}", f"--batch_size={opt.batch_size}",
-            f"--n_residual_blocks={opt.n_residual_blocks}", f"--ngf={opt.ngf}", f"--d_receptive_field={opt.d_receptive_field}",
+            f"--n_residual_blocks={opt.n_residual_blocks}", f"--ngf={opt.ngf}",
+            f"--d_receptive_field={opt.d_receptive_field}",
             f"--netD={opt.netD}", f"--gan_mode={opt.gan_mode}", f"--diffaug={opt.diffaug}",
-            f"--device={opt.device}", f"--iters={opt.iters}", f"--warmup={opt.warmup}"] + (["--profile"] if opt.profile else [])
+            f"--device={opt.device}", f"--iters={opt.iters}",
+            f"--warmup={opt.warmup}"] + (["--profile"] if opt.profile else [])
     options = [] if row == "default" else row.split("+")
     for flag in ("antialias", "antialias_up"):  # a row's blur replaces the flag given
         on = True if flag in options else getattr(opt, flag)

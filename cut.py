@@ -48,18 +48,21 @@ def get_parser():
     add_training_args(p)  # cyclegan.py's flags, the levers, and what a run needs (training.py)
     p.set_defaults(antialias=True, antialias_up=True)  # CUT's generator: both anti-aliased, as the official
     g = p.add_argument_group("CUT")
-    g.add_argument("--mode", default="cut", choices=tuple(MODES), help="cut, or fastcut: the defaults of the flags below")
+    g.add_argument("--mode", default="cut", choices=tuple(MODES),
+                   help="cut, or fastcut: the defaults of the flags below")
     g.add_argument("--lambda_GAN", type=float, default=1.0, help="GAN loss weight")
     g.add_argument("--lambda_NCE", type=float, default=None, help="PatchNCE loss weight (default: cut 1, fastcut 10)")
     g.add_argument("--nce_idt", action=argparse.BooleanOptionalAction, default=None,
-                   help="also PatchNCE between real B and G(real B), the identity term (default: on for cut, off for fastcut)")
+                   help="also PatchNCE between real B and G(real B), the identity term "
+                        "(default: on for cut, off for fastcut)")
     g.add_argument("--flip_equivariance", action=argparse.BooleanOptionalAction, default=None,
                    help="flip half the batches left-right before G and its features back before PatchNCE "
                         "(default: off for cut, on for fastcut)")
     g.add_argument("--num_patches", type=int, default=256, help="locations sampled per tapped layer for PatchNCE")
     g.add_argument("--nce_T", type=float, default=0.07, help="PatchNCE temperature")
     g.add_argument("--netF_nc", type=int, default=256, help="width of the projection head's MLP and of its output")
-    g.add_argument("--pool_size", type=int, default=0, help="size of the fake image replay buffer; 0 (CUT's default) disables it")
+    g.add_argument("--pool_size", type=int, default=0,
+                   help="size of the fake image replay buffer; 0 (CUT's default) disables it")
     return p
 
 
@@ -111,7 +114,8 @@ def build_networks(opt, device):
 def build_optimizers(opt, nets, device):
     # (one Adam for G and F: Adam's update is per parameter, so this is the official two)
     adam = dict(lr=opt.lr, betas=(opt.b1, opt.b2), **adam_options(device))
-    optimizers = {"optimizer_G": torch.optim.Adam(list(nets["G_AB"].parameters()) + list(nets["F"].parameters()), **adam),
+    optimizers = {"optimizer_G": torch.optim.Adam(list(nets["G_AB"].parameters()) + list(nets["F"].parameters()),
+                                                  **adam),
                   "optimizer_D": torch.optim.Adam(nets["D_B"].parameters(), **adam)}
     return optimizers, lr_schedulers(opt, optimizers)
 
@@ -148,8 +152,9 @@ def nce_across_layers(G, F_head, source_features, target, layers, n_patches, tem
     return sum(patch_nce_loss(q, k, temperature) for q, k in zip(queries, keys)) / len(layers)
 
 
-def train_step(real_A, real_B, nets, optimizers, buffers, lambda_GAN=1.0, lambda_NCE=1.0, nce_idt=True, flip_equivariance=False,
-               num_patches=256, nce_T=0.07, autocast=nullcontext(), scaler=None, diffaug="", gan_mode="lsgan"):
+def train_step(real_A, real_B, nets, optimizers, buffers, lambda_GAN=1.0, lambda_NCE=1.0, nce_idt=True,
+               flip_equivariance=False, num_patches=256, nce_T=0.07, autocast=nullcontext(), scaler=None, diffaug="",
+               gan_mode="lsgan"):
     """One CUT iteration in the official order: G translates (with the identity images of B
     when nce_idt), D learns on real B and the new fakes, then G and F learn from D's grade
     and PatchNCE. Returns the losses (LOSS_NAMES) as detached tensors.
@@ -206,8 +211,8 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_GAN=1.0, lambda
 
 def step(opt, real_A, real_B, nets, optimizers, buffers, autocast, scaler):
     """train_step with this run's arguments: the step the loop in training.py calls."""
-    return train_step(real_A, real_B, nets, optimizers, buffers, opt.lambda_GAN, opt.lambda_NCE, opt.nce_idt, opt.flip_equivariance,
-                      opt.num_patches, opt.nce_T, autocast, scaler, opt.diffaug, opt.gan_mode)
+    return train_step(real_A, real_B, nets, optimizers, buffers, opt.lambda_GAN, opt.lambda_NCE, opt.nce_idt,
+                      opt.flip_equivariance, opt.num_patches, opt.nce_T, autocast, scaler, opt.diffaug, opt.gan_mode)
 
 
 # -----------------------------------------------------------------------------

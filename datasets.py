@@ -92,7 +92,8 @@ class ResizeCover:
         if new_h >= self.min_h and new_w >= self.min_w:
             return TF.resize(img, self.size, self.interpolation)
         scale = max(self.min_h / h, self.min_w / w)
-        return TF.resize(img, [max(self.min_h, math.ceil(h * scale)), max(self.min_w, math.ceil(w * scale))], self.interpolation)
+        return TF.resize(img, [max(self.min_h, math.ceil(h * scale)), max(self.min_w, math.ceil(w * scale))],
+                         self.interpolation)
 
 
 def train_transforms(img_height, img_width, load_size=None):
@@ -222,7 +223,8 @@ class UnreadableFiles:
         for s in bad_lists:
             self.seen.update(p for p in s.split("\n") if p)
         if len(self.seen) > self.limit:
-            die(f"{len(self.seen)} training images are unreadable (more than {self.limit}); run with --verify_data to list "
+            die(f"{len(self.seen)} training images are unreadable (more than {self.limit}); "
+                f"run with --verify_data to list "
                 f"them all, then fix or remove them:\n  " + "\n  ".join(sorted(self.seen)))
 
 

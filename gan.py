@@ -61,7 +61,8 @@ def backward_step(loss, optimizer, scaler):
 # Discriminators
 
 def d_receptive_field(opt):
-    return receptive_field_for(opt.img_height, opt.img_width) if opt.d_receptive_field == "auto" else opt.d_receptive_field
+    return (receptive_field_for(opt.img_height, opt.img_width) if opt.d_receptive_field == "auto"
+            else opt.d_receptive_field)
 
 
 def build_discriminator(opt, backbone):

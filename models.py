@@ -154,7 +154,8 @@ class GeneratorResNet(nn.Module):
             ]
             in_features = out_features
         # (Identity keeps the tanh's index, so both variants have the same keys)
-        model += [nn.ReflectionPad2d(3), nn.Conv2d(in_features, channels, 7), nn.Identity() if identity_start else nn.Tanh()]
+        model += [nn.ReflectionPad2d(3), nn.Conv2d(in_features, channels, 7),
+                  nn.Identity() if identity_start else nn.Tanh()]
         self.model = nn.Sequential(*model)
         self.identity_start, self.antialias, self.antialias_up = identity_start, antialias, antialias_up
         if identity_start:
@@ -322,7 +323,8 @@ class Discriminator(nn.Module):
             stride = 2 if k < n_strided else 1
             layers += discriminator_block(widths[k - 1], widths[k], stride=stride)
         # Identity keeps index 12 for the last conv of the 94 and 70 variants, so both share keys.
-        layers += [nn.ZeroPad2d((1, 0, 1, 0)) if receptive_field == 94 else nn.Identity(), nn.Conv2d(widths[-1], 1, 4, padding=1)]
+        layers += [nn.ZeroPad2d((1, 0, 1, 0)) if receptive_field == 94 else nn.Identity(),
+                   nn.Conv2d(widths[-1], 1, 4, padding=1)]
         self.model = nn.Sequential(*layers)
 
     def forward(self, img):
@@ -460,7 +462,8 @@ class ProjectedDiscriminator(nn.Module):
         object.__setattr__(self, "backbone", backbone if backbone is not None else efficientnet_lite0())
         self.resize = resize
         self.mix = nn.ModuleList(spectral_norm(nn.Conv2d(c, width, 1)) for c in LITE0_TAP_CHANNELS)
-        self.fuse = nn.ModuleList(spectral_norm(nn.Conv2d(width, width, 3, padding=1)) for _ in LITE0_TAPS) if csm else None
+        self.fuse = (nn.ModuleList(spectral_norm(nn.Conv2d(width, width, 3, padding=1)) for _ in LITE0_TAPS)
+                     if csm else None)
 
         def head(n_down):  # n_down stride-2 convs bring a tap to the coarsest tap's size
             layers = []
@@ -483,7 +486,8 @@ class ProjectedDiscriminator(nn.Module):
         if self.fuse is not None:
             h = None
             for k in reversed(range(len(feats))):
-                up = 0 if h is None else F.interpolate(h, size=feats[k].shape[-2:], mode="bilinear", align_corners=False)
+                up = 0 if h is None else F.interpolate(h, size=feats[k].shape[-2:], mode="bilinear",
+                                                       align_corners=False)
                 feats[k] = h = F.leaky_relu(self.fuse[k](feats[k] + up), 0.2)
         return torch.cat([head(f).flatten(1) for head, f in zip(self.heads, feats)], 1)
 
@@ -525,7 +529,8 @@ def generator_config(state_dict):
         raise ValueError("not a CycleGAN ResNet generator state_dict (no residual block keys)")
     n_blocks = len({k.split(".")[1] for k in keys if f".{block}." in k})
     first = state_dict["model.1.weight"]
-    last_conv = max((k for k in keys if k.startswith("model.") and k.endswith(".weight")), key=lambda k: int(k.split(".")[1]))
+    last_conv = max((k for k in keys if k.startswith("model.") and k.endswith(".weight")),
+                    key=lambda k: int(k.split(".")[1]))
     return arch, first.shape[1], state_dict[last_conv].shape[0], n_blocks
 
 

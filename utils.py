@@ -175,7 +175,8 @@ def add_device_args(parser, amp_default="auto", amp_note=""):
     parser.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="auto: CUDA, else Apple's MPS, else the CPU")
     parser.add_argument("--amp", type=str, default=amp_default, choices=("auto", *PRECISIONS),
-                        help="precision: auto picks bf16 where the hardware computes it natively (CUDA compute capability "
+                        help="precision: auto picks bf16 where the hardware computes it natively "
+                             "(CUDA compute capability "
                              ">= 8.0, CPUs with AVX512_BF16 or AMX), else fp32; none: fp32, the seed's numerics; "
                              "fp16: GPUs only" + amp_note)
 

@@ -116,7 +116,8 @@ def make_data(root, n_A=4, n_B=None, n_test=1, size=(36, 40)):
     """root/{trainA,trainB,testA,testB} of random images, larger than a 32x32 crop so that
     the random crop and flip have something to do; B darker, so the domains differ."""
     n_B = n_A if n_B is None else n_B
-    for folder, n, seed, high in (("trainA", n_A, 1, 256), ("trainB", n_B, 2, 100), ("testA", n_test, 3, 256), ("testB", n_test, 4, 100)):
+    for folder, n, seed, high in (("trainA", n_A, 1, 256), ("trainB", n_B, 2, 100), ("testA", n_test, 3, 256),
+                                  ("testB", n_test, 4, 100)):
         write_images(os.path.join(root, folder), n, seed, size, high)
     return str(root)
 
@@ -178,8 +179,10 @@ def main_in_process(monkeypatch, capsys):
 
 
 PRECISION_SCRIPTS = ("cyclegan.py", "cut.py", "test.py", "evaluate.py", "bench.py")
-NO_NATIVE_BF16 = ("a CPU without native bf16 (faked by tests/conftest.py)", frozenset({"sse4_2", "avx2", "fma", "avx512f"}))
-NATIVE_BF16 = ("a CPU with native bf16 (faked by tests/conftest.py)", frozenset({"sse4_2", "avx2", "fma", "avx512f", "avx512_bf16"}))
+NO_NATIVE_BF16 = ("a CPU without native bf16 (faked by tests/conftest.py)",
+                  frozenset({"sse4_2", "avx2", "fma", "avx512f"}))
+NATIVE_BF16 = ("a CPU with native bf16 (faked by tests/conftest.py)",
+               frozenset({"sse4_2", "avx2", "fma", "avx512f", "avx512_bf16"}))
 
 
 class UnpinnedPrecision(AssertionError):

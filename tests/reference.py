@@ -9,7 +9,8 @@ def reference_step(real_A, real_B, nets, optimizers, buffers, lambda_cyc=10.0, l
     discriminator calls on real and fake, discriminator gradients computed (and
     discarded) during the generator update, fp32, eager."""
     G_AB, G_BA, D_A, D_B = nets["G_AB"], nets["G_BA"], nets["D_A"], nets["D_B"]
-    optimizer_G, optimizer_D_A, optimizer_D_B = optimizers["optimizer_G"], optimizers["optimizer_D_A"], optimizers["optimizer_D_B"]
+    optimizer_G, optimizer_D_A, optimizer_D_B = (optimizers["optimizer_G"], optimizers["optimizer_D_A"],
+                                                 optimizers["optimizer_D_B"])
     fake_A_buffer, fake_B_buffer = buffers["fake_A"], buffers["fake_B"]
     G_AB.train()
     G_BA.train()

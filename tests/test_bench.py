@@ -21,7 +21,8 @@ TINY = ["--img_size", "32", "--n_residual_blocks", "1", "--iters", "2", "--warmu
 def test_one_configuration_prints_its_median_and_the_profilers_top_operators(capsys):
     bench.main([*TINY, "--amp", "none", "--profile"])
     out = capsys.readouterr().out
-    assert out.startswith("bench: 32x32, cyclegan, 1 residual blocks, ngf 64, D patch 94, lsgan, batch 1, cpu, fp32, eager, NCHW")
+    assert out.startswith("bench: 32x32, cyclegan, 1 residual blocks, ngf 64, D patch 94, lsgan, "
+                          "batch 1, cpu, fp32, eager, NCHW")
     steps = [float(t) for t in re.search(r"^steps \(s\): (.*)$", out, re.M).group(1).split()]
     m = re.search(r"^median (\S+) s/it, (\S+) images/s, peak memory (\S+) MiB", out, re.M)
     s_it, img_s, peak = map(float, m.groups())
@@ -59,13 +60,15 @@ def test_the_step_timed_has_the_discriminators_loss_and_augmentation_given(monke
     nets, build = {}, bench.cyclegan.build_networks
     monkeypatch.setattr(bench.cyclegan, "build_networks", lambda *a: (nets.update(build(*a)[0]) or nets, {}))
     seen = []
-    monkeypatch.setattr(bench.cyclegan, "gan_loss", lambda pred, real, mode="lsgan", **k: seen.append(mode) or pred[0].mean())
+    monkeypatch.setattr(bench.cyclegan, "gan_loss",
+                        lambda pred, real, mode="lsgan", **k: seen.append(mode) or pred[0].mean())
     args = [*TINY, "--amp", "none", "--netD", "patch,projected", "--gan_mode", "hinge", "--diffaug", "color"]
     bench.build_step(bench.get_parser().parse_args(args), torch.device("cpu"))()
     assert [type(d) for d in nets["D_A"].values()] == [Discriminator, ProjectedDiscriminator]
     assert seen and set(seen) == {"hinge"}
     bench.main(args)
-    assert capsys.readouterr().out.startswith("bench: 32x32, cyclegan, 1 residual blocks, ngf 64, D patch 94,projected, hinge, diffaug color")
+    assert capsys.readouterr().out.startswith("bench: 32x32, cyclegan, 1 residual blocks, ngf 64, "
+                                              "D patch 94,projected, hinge, diffaug color")
 
 
 def test_rows_each_run_in_their_own_process_and_the_table_gives_speeds_and_ratios():
@@ -74,7 +77,8 @@ def test_rows_each_run_in_their_own_process_and_the_table_gives_speeds_and_ratio
     assert r.returncode == 1, r.stdout + r.stderr
     assert "error: --amp fp16 needs a GPU" in r.stdout and r.stdout.endswith("\nfailed rows: fp16\n")
     # each row is this command with its options in place of the flags given
-    assert "---- default: bench.py --model=cyclegan --img_size=32 --batch_size=1 --n_residual_blocks=1 --ngf=64 --d_receptive_field=94 " \
+    assert "---- default: bench.py --model=cyclegan --img_size=32 --batch_size=1 --n_residual_blocks=1 " \
+           "--ngf=64 --d_receptive_field=94 " \
            "--netD=patch --gan_mode=lsgan --diffaug= --device=cpu --iters=2 --warmup=0 --amp=none\n" in r.stdout
     assert "---- fp32+channels_last: bench.py " in r.stdout and "cpu, fp32, eager, channels_last;" in r.stdout
     lines = r.stdout.splitlines()
@@ -92,8 +96,8 @@ def test_rows_each_run_in_their_own_process_and_the_table_gives_speeds_and_ratio
 
 
 def test_a_row_replaces_the_flags_given_with_its_own_options():
-    opt = SimpleNamespace(model="fastcut", img_size=32, batch_size=2, n_residual_blocks=1, ngf=8, d_receptive_field="auto", netD="patch",
-                          gan_mode="lsgan", diffaug="", device="cpu",
+    opt = SimpleNamespace(model="fastcut", img_size=32, batch_size=2, n_residual_blocks=1, ngf=8,
+                          d_receptive_field="auto", netD="patch", gan_mode="lsgan", diffaug="", device="cpu",
                           iters=2, warmup=0, profile=False, amp="none", compile=None, channels_last=False,
                           antialias=None, antialias_up=False)
     argv, amp = bench.row_argv(opt, "default")

@@ -92,8 +92,9 @@ def test_the_generator_taps_the_official_layers_and_encodes_only_as_far_as_neede
 
 
 def tiny_opt(*args):
-    opt = cut.apply_mode(cut.get_parser().parse_args(["--img_height", "32", "--img_width", "32", "--n_residual_blocks", "2",
-                                                       "--ngf", "8", "--num_patches", "6", *args]))
+    opt = cut.apply_mode(cut.get_parser().parse_args(["--img_height", "32", "--img_width", "32",
+                                                      "--n_residual_blocks", "2",
+                                                      "--ngf", "8", "--num_patches", "6", *args]))
     opt.seed = 0
     return opt
 
@@ -151,7 +152,8 @@ def test_the_step_trains_the_papers_patch_nce_terms(mode, extra, want_flip):
     if flipped:  # (the check has teeth: without flipping the features back, the loss is another)
         unflipped = reference_nce(before, opt, real_A, real_B, False, locations)[0]
         assert abs(unflipped.item() - want_nce.item()) > 1e-3
-    want_G = losses["loss_GAN"] + ((losses["loss_NCE"] + losses["loss_NCE_Y"]) / 2 if opt.nce_idt else losses["loss_NCE"])
+    want_G = losses["loss_GAN"] + ((losses["loss_NCE"] + losses["loss_NCE_Y"]) / 2 if opt.nce_idt
+                                   else losses["loss_NCE"])
     assert losses["loss_G"].item() == pytest.approx(want_G.item(), rel=1e-6)
     # G and F learned from it, D from its own loss; nothing is left with requires_grad off
     for name in ("G_AB", "F", "D_B"):
@@ -175,7 +177,8 @@ def log_rows(cwd):
 
 
 def test_a_tiny_cut_run_learns_and_test_py_translates_with_its_generator(tiny_data):
-    r = run(tiny_data, *TINY, "--n_epochs", "6", "--decay_epoch", "3", "--num_patches", "32", "--checkpoint_interval", "3")
+    r = run(tiny_data, *TINY, "--n_epochs", "6", "--decay_epoch", "3", "--num_patches", "32",
+            "--checkpoint_interval", "3")
     assert r.returncode == 0, r.stderr
     models = tiny_data / "saved_models" / "tiny"
     assert {f"{n}_{e}.pth" for n in ("G_AB", "D_B", "F") for e in (3, 6)} <= set(os.listdir(models))
@@ -186,15 +189,16 @@ def test_a_tiny_cut_run_learns_and_test_py_translates_with_its_generator(tiny_da
     assert nce[-6:].mean() < nce[:6].mean() - 0.5, nce  # PatchNCE is learned
     # test.py translates with G_AB_6.pth as with a CycleGAN generator
     src = tiny_data / "data" / "tiny" / "testA"
-    r = run_cli("test.py", "--checkpoint", models / "G_AB_6.pth", "--image_path", src, "--output_dir", tiny_data / "out",
-                "--amp", "none", cwd=tiny_data)
+    r = run_cli("test.py", "--checkpoint", models / "G_AB_6.pth", "--image_path", src,
+                "--output_dir", tiny_data / "out", "--amp", "none", cwd=tiny_data)
     assert r.returncode == 0, r.stderr
     for name in os.listdir(src):
         with Image.open(src / name) as a, Image.open(tiny_data / "out" / (os.path.splitext(name)[0] + ".png")) as b:
             assert a.size == b.size
     # a run's last.pt holds G_AB alone, which is the one used
     G = load_generator(str(models / "last.pt"))
-    assert torch.equal(G.state_dict()["model.1.weight"], torch.load(models / "G_AB_6.pth", weights_only=True)["model.1.weight"])
+    assert torch.equal(G.state_dict()["model.1.weight"],
+                       torch.load(models / "G_AB_6.pth", weights_only=True)["model.1.weight"])
 
 
 def test_resume_refuses_the_other_algorithms_run_in_one_line(tiny_data):
@@ -204,7 +208,8 @@ def test_resume_refuses_the_other_algorithms_run_in_one_line(tiny_data):
     assert "is a CUT run; continue it with cut.py" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("flag,value", [("--num_patches", "0"), ("--nce_T", "0"), ("--lambda_NCE", "-1"), ("--netF_nc", "0")])
+@pytest.mark.parametrize("flag,value", [("--num_patches", "0"), ("--nce_T", "0"), ("--lambda_NCE", "-1"),
+                                        ("--netF_nc", "0")])
 def test_bad_cut_flags_give_one_line(tiny_data, flag, value):
     r = run(tiny_data, *TINY, flag, value)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and flag in r.stderr, r.stderr
@@ -219,8 +224,8 @@ def test_sigkill_then_resume_of_a_cut_run_is_bitwise_identical(tmp_path):
         make_data(d / "data" / "tiny", n_A=4)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with open(cwd / "killed.out", "w") as out, open(cwd / "killed.err", "w") as err:
-        proc = start_cli("cut.py", *fp32(flags + ["--log_interval", "1", "--save_latest_interval", "2"]), cwd=cwd, env=env,
-                         stdout=out, stderr=err)
+        proc = start_cli("cut.py", *fp32(flags + ["--log_interval", "1", "--save_latest_interval", "2"]),
+                         cwd=cwd, env=env, stdout=out, stderr=err)
     wait_for_iteration(proc, str(cwd), "killed", 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)

@@ -200,7 +200,8 @@ def test_load_image_rgba_is_composited_on_white(tmp_path):
     assert p[0, 0].tolist() == [255, 255, 255]  # fully transparent red -> white, not red
     assert p[0, 1].tolist() == [0, 0, 255]      # opaque stays
     assert p[0, 2].tolist() in ([127, 127, 127], [128, 128, 128])  # half black over white
-    assert np.asarray(load_image(tmp_path / "rgba.png", channels=1)).tolist() == [[255, 29, p[0, 2, 0]]]  # blue luma 0.114*255
+    # blue luma 0.114*255
+    assert np.asarray(load_image(tmp_path / "rgba.png", channels=1)).tolist() == [[255, 29, p[0, 2, 0]]]
 
 
 def test_load_image_LA_is_composited_on_white(tmp_path):
@@ -504,7 +505,8 @@ def test_make_day2night_test_pairs_share_geometry_and_train_scenes_are_disjoint(
         assert not np.array_equal(day, night)
     # every trainA image is the day render of some scene; no trainB image is the night
     # render of any of those scenes (and each trainB image is the night render of another scene)
-    scenes_A = {scene_id(as_array(day2night / "trainA" / f), False, candidates) for f in os.listdir(day2night / "trainA")}
+    scenes_A = {scene_id(as_array(day2night / "trainA" / f), False, candidates)
+                for f in os.listdir(day2night / "trainA")}
     assert None not in scenes_A and len(scenes_A) == 6
     night_of_A = [render_scene([0, 0, s], 16, True, [0, 1, s, 1]) for s in scenes_A]
     scenes_B = set()

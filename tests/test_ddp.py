@@ -48,7 +48,8 @@ for batch in loader:  # 6 images over 2 processes: 3 steps
     real_A, real_B = batch["A"].double(), batch["B"].double()
     batches.append((real_A, real_B))
     train_step(real_A, real_B, ddp_nets, opts, make_buffers(0))
-torch.save({{"params": [[p.detach() for p in n.parameters()] for n in nets.values()], "batches": batches, "indices": indices}},
+torch.save({{"params": [[p.detach() for p in n.parameters()] for n in nets.values()], "batches": batches,
+            "indices": indices}},
            f"rank{{rank}}.pt")
 dist.destroy_process_group()
 '''
@@ -60,7 +61,8 @@ def test_two_processes_stay_identical_and_equal_one_process_with_double_batch(tm
     saw its own samples, and with the replay buffers off, 2 processes x batch 1 give
     the weights of 1 process x batch 2 on the same samples (float64)."""
     make_data(tmp_path / "data", n_A=6, n_test=6, size=(36, 36))
-    (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), data=str(tmp_path / "data")))
+    (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
+                                                      data=str(tmp_path / "data")))
     r = torchrun(tmp_path, 2, "worker.py")
     assert r.returncode == 0, r.stdout + r.stderr
     rank0, rank1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1))
@@ -81,8 +83,9 @@ def test_two_processes_stay_identical_and_equal_one_process_with_double_batch(tm
             torch.testing.assert_close(q, p.detach(), rtol=1e-7, atol=1e-9)  # a step is ~2e-4
 
 
-TINY = ["--dataset_name", "tiny", "--data_root", "data", "--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1",
-        "--n_cpu", "0", "--seed", "0", "--log_interval", "1", "--n_epochs", "2", "--decay_epoch", "1", "--sample_interval", "2"]
+TINY = ["--dataset_name", "tiny", "--data_root", "data", "--img_height", "32", "--img_width", "32",
+        "--n_residual_blocks", "1", "--n_cpu", "0", "--seed", "0", "--log_interval", "1", "--n_epochs", "2",
+        "--decay_epoch", "1", "--sample_interval", "2"]
 
 
 def test_torchrun_cli_trains_and_only_rank_zero_writes_and_evaluates(tmp_path):
@@ -111,7 +114,8 @@ def test_torchrun_trains_cut_through_the_same_loop(tmp_path):
     """cut.py under DDP: G's extra encoder passes (PatchNCE's queries, and the keys of FastCUT's
     flipped batches) and the projection head's two calls per step, with the identity term on."""
     make_data(tmp_path / "data", n_A=6, n_test=6, size=(36, 36))
-    r = torchrun(tmp_path, 2, os.path.join(ROOT, "cut.py"), *TINY, "--mode", "fastcut", "--nce_idt", "--num_patches", "16")
+    r = torchrun(tmp_path, 2, os.path.join(ROOT, "cut.py"), *TINY, "--mode", "fastcut", "--nce_idt",
+                 "--num_patches", "16")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("done: weights in") == 1 and " x 2 process(es)" in r.stdout
     models = tmp_path / "saved_models" / "tiny"
@@ -121,7 +125,8 @@ def test_torchrun_trains_cut_through_the_same_loop(tmp_path):
     assert len(torch.load(models / "last.pt", weights_only=True)["replay_buffers"]) == 2
 
 
-def test_torchrun_sigterm_then_resume_is_bitwise_identical_and_process_count_may_change_at_epoch_end(tmp_path, main_in_process):
+def test_torchrun_sigterm_then_resume_is_bitwise_identical_and_process_count_may_change_at_epoch_end(
+        tmp_path, main_in_process):
     make_data(tmp_path / "data", n_A=6, n_test=6, size=(36, 36))
     # the uninterrupted run
     ref = tmp_path / "ref"

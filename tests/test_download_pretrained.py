@@ -40,7 +40,8 @@ OFFICIAL_NAMES = (
 
 
 def _shell(name):
-    return pytest.param(name, id=name, marks=pytest.mark.skipif(shutil.which(name) is None, reason=f"{name} not installed"))
+    return pytest.param(name, id=name,
+                        marks=pytest.mark.skipif(shutil.which(name) is None, reason=f"{name} not installed"))
 
 
 SHELLS = [_shell("dash"), _shell("bash")]
@@ -91,14 +92,16 @@ def repo(tmp_path):
 def clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.pop("CYCLEGAN_MODEL_URLS", None)
-    env.update(no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.update(no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost", PYTHON=sys.executable,
+               OMP_NUM_THREADS="1")
     env.update(extra)
     return env
 
 
 def run_script(shell, repo, *args, env, from_saved_models=False, timeout=120):
     cwd, script = (repo / "saved_models", SCRIPT.name) if from_saved_models else (repo, f"saved_models/{SCRIPT.name}")
-    return subprocess.run([shutil.which(shell), script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([shutil.which(shell), script, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def assert_nothing_left(repo):
@@ -167,7 +170,8 @@ def path_without(tmp_path_factory):
         for d in os.environ.get("PATH", "").split(os.pathsep):
             if d and os.path.isdir(d):
                 for e in os.scandir(d):
-                    if e.name not in hidden and not (bindir / e.name).exists() and not e.is_dir() and os.access(e.path, os.X_OK):
+                    if (e.name not in hidden and not (bindir / e.name).exists() and not e.is_dir()
+                            and os.access(e.path, os.X_OK)):
                         os.symlink(e.path, bindir / e.name)
         return str(bindir)
 
@@ -222,8 +226,10 @@ def test_bad_name_prints_the_list_and_touches_nothing(shell, args, repo, stub_pa
 
 
 @needs_curl
-@pytest.mark.parametrize("shell,from_saved_models", [("dash", False), ("bash", True)], ids=["dash-from_root", "bash-from_saved_models"])
-def test_404_then_the_second_location_lands_in_the_official_layout_and_translates(shell, from_saved_models, repo, files, serve):
+@pytest.mark.parametrize("shell,from_saved_models", [("dash", False), ("bash", True)],
+                         ids=["dash-from_root", "bash-from_saved_models"])
+def test_404_then_the_second_location_lands_in_the_official_layout_and_translates(
+        shell, from_saved_models, repo, files, serve):
     if not shutil.which(shell):
         pytest.skip(f"{shell} not installed")
     srv = serve({f"/mirror/{NAME}.pth": files["good"]})
@@ -256,7 +262,8 @@ def test_wget_when_there_is_no_curl(repo, files, serve, path_without, tmp_path):
         pytest.skip("wget not installed")
     (tmp_path / "wgetrc").write_text("")  # a user's ~/.wgetrc cannot change what wget does
     srv = serve({f"/mirror/{NAME}.pth": files["good"]})
-    env = clean_env(CYCLEGAN_MODEL_URLS=f"{srv.url}/gone {srv.url}/mirror", PATH=path_without("curl"), WGETRC=str(tmp_path / "wgetrc"))
+    env = clean_env(CYCLEGAN_MODEL_URLS=f"{srv.url}/gone {srv.url}/mirror", PATH=path_without("curl"),
+                    WGETRC=str(tmp_path / "wgetrc"))
     r = run_script("dash" if shutil.which("dash") else "sh", repo, NAME, env=env)
     assert r.returncode == 0, r.stderr
     assert "(wget exit 8)" in r.stderr
@@ -319,7 +326,8 @@ def test_unreachable_host_ends_with_one_clear_line(shell, repo):
 
 def test_no_python_with_torch_stops_before_downloading(repo, serve, tmp_path):
     srv = serve({})
-    r = run_script("sh", repo, NAME, env=clean_env(CYCLEGAN_MODEL_URLS=srv.url, PYTHON=str(tmp_path / "no_such_python")))
+    r = run_script("sh", repo, NAME,
+                   env=clean_env(CYCLEGAN_MODEL_URLS=srv.url, PYTHON=str(tmp_path / "no_such_python")))
     assert r.returncode == 1 and "PYTHON=" in r.stderr
     assert srv.requests == []
     assert_nothing_left(repo)

@@ -86,7 +86,8 @@ def run_steps(device, dtype=torch.float32, amp="none", compile_mode=None, tf32=F
             before.append(copy.deepcopy({"nets": [n.state_dict() for n in nets.values()],
                                          "optimizers": [o.state_dict() for o in optimizers.values()],
                                          "buffers": [b.state_dict() for b in buffers.values()]}))
-        step = cyclegan.train_step(real_A, real_B, step_nets, optimizers, buffers, opt.lambda_cyc, opt.lambda_id, autocast, scaler)
+        step = cyclegan.train_step(real_A, real_B, step_nets, optimizers, buffers, opt.lambda_cyc, opt.lambda_id,
+                                   autocast, scaler)
         losses.append(torch.stack(list(step.values())).double().cpu())
         grads.append([torch.cat([p.grad.flatten() for p in net.parameters()]).double().cpu() for net in nets.values()])
     return before, torch.stack(losses), grads
@@ -109,9 +110,10 @@ def float64_run():
     ("cpu fp32", dict(device=torch.device("cpu")), FP32_TOL),
     pytest.param("cuda fp32 (TF32 off)", dict(device=torch.device("cuda")), FP32_TOL, marks=cuda_only),
     pytest.param("cuda bf16 autocast", dict(device=torch.device("cuda"), amp="bf16"), BF16_TOL, marks=cuda_only),
-    pytest.param("cuda fp32, TF32 convolutions (PyTorch's default)", dict(device=torch.device("cuda"), tf32=True), BF16_TOL,
-                 marks=cuda_only),
-    pytest.param("cuda fp32 compiled with CUDA graphs (TF32 off)", dict(device=torch.device("cuda"), compile_mode="reduce-overhead"),
+    pytest.param("cuda fp32, TF32 convolutions (PyTorch's default)", dict(device=torch.device("cuda"), tf32=True),
+                 BF16_TOL, marks=cuda_only),
+    pytest.param("cuda fp32 compiled with CUDA graphs (TF32 off)",
+                 dict(device=torch.device("cuda"), compile_mode="reduce-overhead"),
                  FP32_TOL, marks=cuda_only),
 ])
 def test_training_step_matches_float64_on_the_cpu(float64_run, variant, kwargs, tol):

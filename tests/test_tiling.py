@@ -87,8 +87,8 @@ def test_tiled_equals_untiled_in_float64_exactly_and_in_float32_to_rounding(arch
 def test_tiled_grayscale_image_smaller_than_the_padding_uses_replication_like_translate():
     G = generator("seed", channels=1)
     x = image_tensor(3, 2, channels=1)  # padded to 8x8: too small to reflect
-    torch.testing.assert_close(tiling.translate_tiled(G.double(), x.double(), 1), translate(G.double(), x.double()).double(),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(tiling.translate_tiled(G.double(), x.double(), 1),
+                               translate(G.double(), x.double()).double(), atol=1e-6, rtol=0)
 
 
 def test_tiled_batch_is_each_image_translated_on_its_own():
@@ -201,15 +201,16 @@ def test_tile_flag_gives_the_untiled_pixels(ckpt, tmp_path, capsys):
     path, _ = ckpt
     save_png(image_tensor(45, 38), tmp_path / "in.png")
     for tile, out in [(8, "tiled"), (0, "whole")]:
-        code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in.png", "--output_dir", tmp_path / out,
-                                 "--tile", tile], capsys)
+        code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in.png",
+                                 "--output_dir", tmp_path / out, "--tile", tile], capsys)
         assert code == 0, err
         assert "strips" not in err  # asked for: no note
     diff = np.abs(pixels(tmp_path / "tiled" / "in.png") - pixels(tmp_path / "whole" / "in.png"))
     assert diff.shape == (45, 38, 3) and diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
-def test_images_above_the_size_limit_are_tiled_with_a_one_line_note_naming_the_flag(ckpt, tmp_path, capsys, monkeypatch):
+def test_images_above_the_size_limit_are_tiled_with_a_one_line_note_naming_the_flag(
+        ckpt, tmp_path, capsys, monkeypatch):
     path, _ = ckpt
     monkeypatch.setattr(tt, "AUTO_TILE_PIXELS", 40 * 30)
     calls = []
@@ -218,7 +219,8 @@ def test_images_above_the_size_limit_are_tiled_with_a_one_line_note_naming_the_f
     (tmp_path / "in").mkdir()
     save_png(image_tensor(30, 40), tmp_path / "in" / "at_limit.png")
     save_png(image_tensor(31, 40), tmp_path / "in" / "above.png")
-    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in", "--output_dir", tmp_path / "out"], capsys)
+    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in", "--output_dir", tmp_path / "out"],
+                            capsys)
     assert code == 0, err
     notes = [line for line in err.splitlines() if "strips" in line]
     assert len(notes) == 1 and "above.png" in notes[0] and "--tile 0" in notes[0] and "--tile N" in notes[0]
@@ -242,8 +244,8 @@ def test_not_enough_temporary_space_is_one_line_naming_tmpdir(ckpt, tmp_path, ca
     path, _ = ckpt
     save_png(image_tensor(20, 20), tmp_path / "in.png")
     monkeypatch.setattr(tiling.shutil, "disk_usage", lambda p: type("usage", (), {"free": 1000})())
-    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in.png", "--output_dir", tmp_path / "out",
-                             "--tile", 8], capsys)
+    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in.png",
+                             "--output_dir", tmp_path / "out", "--tile", 8], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and "Traceback" not in err
     assert any("TMPDIR" in line and "in.png" in line for line in lines), err

@@ -186,7 +186,8 @@ TINY = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--
 def test_cli_trains_and_writes_seed_format_checkpoints_samples_and_log(tiny_data):
     os.makedirs(tiny_data / "saved_models" / "tiny")
     (tiny_data / "saved_models" / "tiny" / ".tmp-killed.pt").write_bytes(b"half a checkpoint")
-    r = run(tiny_data, *TINY, "--n_epochs", "3", "--decay_epoch", "1", "--checkpoint_interval", "2", "--sample_interval", "5")
+    r = run(tiny_data, *TINY, "--n_epochs", "3", "--decay_epoch", "1", "--checkpoint_interval", "2",
+            "--sample_interval", "5")
     assert r.returncode == 0, r.stderr
     models = tiny_data / "saved_models" / "tiny"
     # every `checkpoint_interval` epochs and the last one, named by epochs done
@@ -210,7 +211,8 @@ def test_cli_trains_and_writes_seed_format_checkpoints_samples_and_log(tiny_data
     assert all(np.isfinite(float(r["loss_G"])) for r in rows)
 
 
-def test_sample_grid_shows_fixed_test_images_denormalised_not_stretched_and_seed_style_epoch_resume(tiny_data, main_in_process):
+def test_sample_grid_shows_fixed_test_images_denormalised_not_stretched_and_seed_style_epoch_resume(
+        tiny_data, main_in_process):
     r = run(tiny_data, *TINY, "--n_epochs", "2", "--decay_epoch", "1", "--sample_interval", "4")
     assert r.returncode == 0, r.stderr
     grid = np.asarray(Image.open(tiny_data / "images" / "tiny" / "0.png")).astype(int)
@@ -342,7 +344,8 @@ def test_compile_trains_a_few_iterations_and_saves_plain_state_dicts(tiny_data):
     for split in ("trainA", "trainB"):  # 2 images per domain: 2 compiled iterations
         for f in sorted(os.listdir(tiny_data / "data" / "tiny" / split))[2:]:
             os.remove(tiny_data / "data" / "tiny" / split / f)
-    r = run(tiny_data, *TINY, "--n_epochs", "1", "--decay_epoch", "0", "--compile", "--sample_interval", "1", timeout=900)
+    r = run(tiny_data, *TINY, "--n_epochs", "1", "--decay_epoch", "0", "--compile", "--sample_interval", "1",
+            timeout=900)
     assert r.returncode == 0, r.stderr
     state = torch.load(tiny_data / "saved_models" / "tiny" / "G_AB_1.pth", weights_only=True)
     GeneratorResNet((3, 32, 32), 1).load_state_dict(state, strict=True)
@@ -382,4 +385,5 @@ def test_explicit_flags_are_the_ones_given_even_when_equal_to_the_default():
     import cyclegan
     argv = ["--lr", "0.0002", "--verify_data", "--compile", "--resume", "--n_epochs=3", "--amp", "none"]
     given = cyclegan.explicit_flags(argv, vars(cyclegan.get_parser().parse_args(argv)))
-    assert given == {"lr": 0.0002, "verify_data": True, "compile": "default", "resume": "auto", "n_epochs": 3, "amp": "none"}
+    assert given == {"lr": 0.0002, "verify_data": True, "compile": "default", "resume": "auto", "n_epochs": 3,
+                     "amp": "none"}
