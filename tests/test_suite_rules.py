@@ -1,4 +1,5 @@
-"""The suite's own rules (conftest.py): no test lets the CPU choose the precision.
+"""The suite's own rules (conftest.py): no test lets the CPU choose the precision; and the
+repository's layout rules: no line over 120 characters, no file over 700 lines.
 
 Every script that computes (it has --amp) is started through conftest.cli_argv, which
 refuses a command line that leaves the precision to --amp auto; in this process the
@@ -78,3 +79,35 @@ def test_the_scan_finds_a_direct_call(tmp_path, monkeypatch):
                                           "subprocess.run([sys.executable, 'cyclegan.py', '--n_epochs', '1'])\n")
     monkeypatch.setitem(globals(), "TESTS", str(tmp_path))
     assert _subprocess_calls_outside_conftest() == [("test_bad.py", 3)]
+
+
+# -----------------------------------------------------------------------------
+# The layout rules of issue 35, checked on the repository's own files
+
+ROOT = os.path.dirname(TESTS)
+
+
+def python_files():
+    """Every .py file of the repository (not a virtual environment or a data folder inside it)."""
+    skip = {".git", "data", "saved_models", "images", "venv", ".venv", "__pycache__"}
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if d not in skip and not d.startswith(".")]
+        yield from (os.path.join(folder, f) for f in files if f.endswith(".py"))
+    yield from (os.path.join(ROOT, "data", f) for f in os.listdir(os.path.join(ROOT, "data")) if f.endswith(".py"))
+
+
+def test_no_line_of_a_python_file_is_over_120_characters_and_no_file_over_700_lines():
+    long_lines, long_files = [], []
+    for path in python_files():
+        lines = open(path, encoding="utf-8").read().splitlines()
+        long_lines += [f"{os.path.relpath(path, ROOT)}:{k}" for k, line in enumerate(lines, 1) if len(line) > 120]
+        if len(lines) > 700:
+            long_files.append(f"{os.path.relpath(path, ROOT)} ({len(lines)} lines)")
+    assert not long_lines and not long_files, (long_lines, long_files)
+    assert sum(1 for _ in python_files()) > 20  # (the walk found the repository)
+
+
+def test_the_loop_and_the_helpers_stay_within_their_sizes():
+    sizes = {name: len(open(os.path.join(ROOT, name), encoding="utf-8").read().splitlines())
+             for name in ("training.py", "utils.py")}
+    assert sizes["training.py"] <= 650 and sizes["utils.py"] <= 450, sizes
