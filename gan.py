@@ -9,7 +9,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from budget import BudgetLR
+from budget import budget_schedule
 from models import Discriminator, Discriminators, ProjectedDiscriminator, receptive_field_for
 
 GAN_MODES = ("lsgan", "hinge", "vanilla")
@@ -104,9 +104,10 @@ class LambdaLR:
 
 def lr_schedulers(opt, optimizers):
     """The seed's linear decay from --decay_epoch, stepped every epoch; with --budget, the
-    warm-up and decay over the run's iterations (budget.BudgetLR), stepped every iteration."""
+    warm-up and decay over the run's iterations (budget.BudgetLR, with a time budget's
+    replans), stepped every iteration."""
     if opt.budget is not None:
-        lr_lambda = BudgetLR(opt.budget_iters, opt.warmup, opt.decay_fraction).step
+        lr_lambda = budget_schedule(opt).step
     else:
         lr_lambda = LambdaLR(opt.n_epochs, opt.epoch, opt.decay_epoch).step
     return {name: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda=lr_lambda) for name, o in optimizers.items()}

@@ -48,23 +48,25 @@ class TrainingLog:
     per-batch sync; a flush that meets a non-finite loss stops training there.
     A run that starts at iteration k first drops the rows of iterations >= k (written after
     the last.pt it resumes from, or by an older run), so the log holds every iteration
-    once, in order."""
+    once, in order. The replan column: the iterations a --budget was planned again to after
+    that iteration (empty where it was not)."""
 
     def __init__(self, path, loss_names, total, done, log_interval, model_dir, writer=None):
         """`loss_names`: what the training step returns, in the order of log.csv's columns."""
         self.path, self.total, self.log_interval, self.model_dir, self.writer = path, total, log_interval, model_dir, writer
         self.loss_names = loss_names
-        self.header = ["epoch", "batch", "iteration", *loss_names, "lr", "time"]
+        self.header = ["epoch", "batch", "iteration", *loss_names, "lr", "time", "replan"]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         keep_rows_before(path, done, self.header)
         self.file = open(path, "a", newline="")
         self.csv = csv.writer(self.file)
-        self.pending = []
+        self.pending, self.replan = [], ""
         self.t0 = self.t0_done = None  # rates from the end of the first batch: compile and warm-up excluded
         self.bar = tqdm(total=total, initial=done, unit="it", dynamic_ncols=True) if sys.stdout.isatty() else None
 
     def set_total(self, total):
-        self.total = total
+        """A replan after the iteration in hand (its row is added next)."""
+        self.total, self.replan = total, total
         if self.bar is not None:
             self.bar.total = total
             self.bar.refresh()
@@ -72,7 +74,8 @@ class TrainingLog:
     def add(self, epoch, batch, iteration, losses, lr):
         if self.t0 is None:
             self.t0, self.t0_done = time.time(), iteration + 1
-        self.pending.append((epoch, batch, iteration, lr, torch.stack(list(losses.values()))))
+        self.pending.append((epoch, batch, iteration, lr, self.replan, torch.stack(list(losses.values()))))
+        self.replan = ""
         if len(self.pending) >= self.log_interval:
             self.flush()
 
@@ -90,11 +93,12 @@ class TrainingLog:
                 f"(the last good state is {self.model_dir}/last.pt). Try a lower --lr or --amp none")
 
     def write_pending(self):
-        values = torch.stack([p[4] for p in self.pending]).float().cpu().tolist()  # the one device sync
+        values = torch.stack([p[-1] for p in self.pending]).float().cpu().tolist()  # the one device sync
         now = time.time()
         try:
-            for (epoch, batch, iteration, lr, _), v in zip(self.pending, values):
-                self.csv.writerow([epoch, batch, iteration, *[f"{x:.6g}" for x in v], f"{lr:.6g}", f"{now:.3f}"])
+            for (epoch, batch, iteration, lr, replan, _), v in zip(self.pending, values):
+                self.csv.writerow([epoch, batch, iteration, *[f"{x:.6g}" for x in v], f"{lr:.6g}", f"{now:.3f}",
+                                   replan])
                 if self.writer is not None:  # the values are on the host already: no extra sync
                     for name, x in zip(self.loss_names, v):
                         self.writer.add_scalar(f"loss/{name.removeprefix('loss_')}", x, iteration)
@@ -137,13 +141,16 @@ class TrainingLog:
 
 def keep_rows_before(path, iteration, header):
     """Rewrite log.csv with only the rows of iterations < `iteration` (and a fresh header if
-    it has none or another one). A partly written last row is dropped too."""
+    it has none or another one; that of an older version, without the last columns, keeps its
+    rows, with those columns empty). A partly written last row is dropped too."""
     rows = []
     if os.path.exists(path):
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
-        if rows and rows[0] == header:
-            rows = [r for r in rows[1:] if len(r) == len(header) and r[2].isdigit() and int(r[2]) < iteration]
+        old = len(rows[0]) if rows and rows[0] == header[:len(rows[0])] and "time" in rows[0] else 0
+        if old:
+            rows = [r + [""] * (len(header) - old) for r in rows[1:]
+                    if len(r) == old and r[2].isdigit() and int(r[2]) < iteration]
         else:
             rows = []
     write_text_atomic(path, csv_text([header, *rows]))
@@ -270,9 +277,24 @@ class ResultsPage:
                      + (", fake A = G_BA(real B)" if self.algorithm == "CycleGAN" else "") + "</p>")
         parts += [f"<figure><img src='{it}.png' loading='lazy' alt='iteration {it}'><figcaption>iteration {it}, "
                   f"epoch {it // self.n_batches}</figcaption></figure>" for it in grids]
+        plans = getattr(self.opt, "budget_plans", None)
+        if plans:
+            parts.append(budget_plans_table(self.opt.budget, plans))
         parts.append("<h2>Arguments</h2><table>" + "".join(f"<tr><td>--{e(k)}</td><td>{e(str(v))}</td></tr>"
-                                                           for k, v in sorted(vars(self.opt).items())) + "</table>")
+                                                           for k, v in sorted(vars(self.opt).items())
+                                                           if k != "budget_plans") + "</table>")
         write_page(os.path.join(self.folder, "index.html"), f"{self.algorithm}: {self.opt.dataset_name}", "\n".join(parts))
+
+
+def budget_plans_table(budget, plans):
+    """The plans of a time --budget (budget.Planner), one row each: after which iteration, the
+    iterations planned, the speed it was planned with and the time then left."""
+    rows = "".join(f"<tr><td>{r}</td><td>{total}</td><td>{step_s:.4f}</td><td>{left / 60:.2f}</td></tr>"
+                   for r, total, step_s, left in plans)
+    return (f"<h2>Budget</h2><details><summary>--budget {html.escape(budget)}: planned {len(plans)} times, to "
+            f"{plans[-1][1]} iterations (the replans are the dots of losses.png's last panel, and log.csv's replan "
+            f"column)</summary><table><tr><th>after iteration</th><th>iterations planned</th><th>s per iteration"
+            f"</th><th>minutes left</th></tr>{rows}</table></details>")
 
 
 def plot_curves(folder, log_csv, eval_csv):
@@ -285,10 +307,13 @@ def plot_curves(folder, log_csv, eval_csv):
     except ImportError:
         return None
     # (file, x column, panels of (column, label, colour, line style)): the losses in log.csv's
-    # columns, the generators' beside the discriminators' (loss_D_*, or loss_D alone)
+    # columns, the generators' beside the discriminators' (loss_D_*, or loss_D alone), and where a
+    # --budget was planned again (a dot at every replan: the iterations it planned; "steps": no average)
     figures = [(log_csv, "losses.png", "iteration", lambda names: [
                    [(n, n, f"C{k}", "-") for k, n in enumerate(n for n in names if n.startswith("loss_") and not n.startswith("loss_D"))],
-                   [(n, n, f"C{k + 4}", "-") for k, n in enumerate([n for n in names if n.startswith("loss_D_")] or ["loss_D"])]]),
+                   [(n, n, f"C{k + 4}", "-")
+                    for k, n in enumerate([n for n in names if n.startswith("loss_D_")] or ["loss_D"])],
+                   [("replan", "iterations planned at each replan (--budget)", "C7", "steps")]]),
                (eval_csv, "fid.png", "epoch", lambda names: [
                    [(f"{g}_fid", f"{g} FID", c, "-") for g, c in (("G_AB", "C0"), ("G_BA", "C1")) if f"{g}_fid" in names]
                    + [(f"{g}_fid_identity", f"{g} identity baseline", c, "--") for g, c in (("G_AB", "C0"), ("G_BA", "C1"))
@@ -302,12 +327,16 @@ def plot_curves(folder, log_csv, eval_csv):
             rows = list(reader)
         if not rows:
             continue
-        panels = panels_of(reader.fieldnames)
+        panels = [p for p in panels_of(reader.fieldnames) if any(r.get(line[0]) for line in p for r in rows)]
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
         x = np.array([float(r[x_name]) for r in rows])
         for ax, lines in zip(axes[0], panels):
             for name, label, colour, style in lines:
                 y = np.array([float(r[name]) if r.get(name) else np.nan for r in rows])
+                if style == "steps":
+                    ax.plot(x[~np.isnan(y)], y[~np.isnan(y)], drawstyle="steps-post", marker="o", markersize=3,
+                            color=colour, label=label)
+                    continue
                 k = max(1, len(y) // 200)  # a moving average, so thousands of noisy GAN losses read as a curve
                 if k > 1:
                     y = np.convolve(y, np.ones(k) / k, mode="valid")

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, default_collate
 
 from augment import DIFFAUG_POLICIES
-from budget import fit_budget, parse_budget, replan_budget, replan_points, total_iterations
+from budget import Planner, fit_budget, parse_budget, process_started, total_iterations
 from checkpoint import (rng_state, set_rng_state, StopSignal, TrainingState, check_output_folders, clean_killed_saves, hold_run_folder,
                         refuse_existing_run, remove_old_run, restore, resume_arguments, save_epoch_weights, save_last)
 from datasets import (ImageDataset, NoReadableImage, UnpairedSampler, UnreadableFiles, check_some_readable,
@@ -100,7 +100,7 @@ def add_training_args(p):
                         f"{', '.join(DIFFAUG_POLICIES)}; empty: off")
     p.add_argument("--budget", type=str, default=None,
                    help="train for this long (90s, 45min, 1.5h: turned into iterations from this machine's speed, "
-                        "planned again from the run's own speed at 5, 20 and 40%% of it, and recorded in last.pt) "
+                        "planned again every 1%% of it, to its end, from the run's recent speed; recorded in last.pt) "
                         "or this many iterations, with the learning rate of --warmup and --decay_fraction over it "
                         "(instead of --n_epochs and --decay_epoch)")
     p.add_argument("--warmup", type=float, default=0.0, help="with --budget: fraction of the run over which the learning rate rises linearly from 0")
@@ -473,7 +473,7 @@ class Algorithm:
 
 def main(parse_args, algorithm, argv=None):
     """A training script's main(): its arguments (`parse_args`: the script's), then run()."""
-    started = time.time()
+    started = process_started() if argv is None else time.time()  # (what --budget counts from)
     opt, resume_state = parse_args(sys.argv[1:] if argv is None else argv)
     run(opt, resume_state, started, algorithm)
 
@@ -511,11 +511,10 @@ def train(opt, resume_state, model_dir, started, algorithm):
         print(f"{model_dir}: {start} (pid {os.getpid()}), {len(dataset.files_A)} A / {len(dataset.files_B)} B images")
     fixed_A, fixed_B = (x.to(device) for x in fixed_samples(data_root, opt.img_height, opt.img_width, opt.channels))
     evaluator = build_evaluator(opt, data_root, device) if procs.master else None
-    eval_s = 0.0
     if opt.budget is not None and resume_state is None:
-        eval_s = fit_budget(opt, n_batches, procs, started,
-                            partial(measure_costs, opt, algorithm, dataset, device, autocast, scaler, evaluator),
-                            evaluator is not None)
+        fit_budget(opt, n_batches, procs, started,
+                   partial(measure_costs, opt, algorithm, dataset, device, autocast, scaler, evaluator),
+                   evaluator is not None)
     nets, ema = algorithm.build_networks(opt, device)
     optimizers, schedulers = algorithm.build_optimizers(opt, nets, device)
     buffers = algorithm.build_buffers(opt, procs.rank)
@@ -531,12 +530,12 @@ def train(opt, resume_state, model_dir, started, algorithm):
     report = start_report(opt, device, dataset, n_batches, state, model_dir, procs, evaluator, algorithm)
 
     start_epoch, start_batch = state.epoch, state.batch
-    replan_at, loop_started = replan_points(opt, resume_state), time.time()
+    planner = Planner(opt, n_batches, procs, started, start_epoch * n_batches + start_batch, resume_state is not None)
     # (the data workers ignore SIGTERM, see ignore_stop_signals, so they are stopped here rather
     # than left to the interpreter's exit, whose SIGTERM they would not hear)
     try:
         epoch = start_epoch
-        while epoch < opt.n_epochs:  # (--budget may move the end, see replan_budget)
+        while epoch < opt.n_epochs:  # (--budget may move the end, see Planner)
             first = start_batch if epoch == start_epoch else 0
             sampler.set_epoch(epoch)
             sampler.set_start(first * opt.batch_size)
@@ -552,9 +551,7 @@ def train(opt, resume_state, model_dir, started, algorithm):
                 losses = algorithm.step(opt, real_A, real_B, step_nets, optimizers, buffers, autocast, scaler)
                 if ema:
                     update_ema(ema, nets, ema_decay(opt.ema, iteration))
-                if iteration + 1 in replan_at:
-                    replan_budget(opt, iteration + 1, n_batches, procs, started, loop_started, eval_s, schedulers,
-                                  report.log if procs.master else None, time.time())
+                planner.after(iteration + 1, schedulers, report.log if procs.master else None)
                 if opt.budget is not None:
                     for scheduler in schedulers.values():
                         scheduler.step()
@@ -579,4 +576,6 @@ def train(opt, resume_state, model_dir, started, algorithm):
         report.log.close()
         if report.writer is not None:
             report.writer.close()
+        if planner.active:
+            print(planner.spent())
         print(f"done: weights in {model_dir}/, samples in images/{opt.dataset_name}/ (index.html)")

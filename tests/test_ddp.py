@@ -223,3 +223,47 @@ def test_torchrun_without_seed_loads_every_image_once_per_epoch_and_agrees_on_st
         assert 1 <= len(t["all_reduce"]) <= 3 and set(t["all_reduce"]) == {"cpu"}, t["all_reduce"]
     seed = torch.load(tmp_path / "saved_models" / "tiny" / "last.pt", weights_only=True)["args"]["seed"]
     assert f"seed {seed}" in r.stdout
+
+
+PLANS_TRACER = r'''
+import atexit, json, os, runpy, sys
+sys.path.insert(0, {root!r})
+# each rank its own made-up speed: rank 1 alone would plan half as many iterations, and never replan
+os.environ["CYCLEGAN_SIMULATED_SPEED"] = {{"0": "0.25,12:0.125", "1": "0.5"}}[os.environ["RANK"]]
+import budget
+agreed = []
+real_agree_on = budget.agree_on
+
+
+def recording_agree_on(values, procs):
+    out = real_agree_on(values, procs)
+    agreed.append([list(values), list(out)])
+    return out
+
+
+budget.agree_on = recording_agree_on
+atexit.register(lambda: json.dump(agreed, open(f"agreed.{{os.environ['RANK']}}.json", "w")))
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+'''
+
+
+def test_torchrun_ranks_agree_on_every_plan_of_a_time_budget(tmp_path):
+    """Two ranks that measure different speeds (made up, per rank) take rank 0's plans, at the
+    same iterations: 10 s at 0.25 s per iteration are 40 iterations, and from iteration 12 on
+    at 0.125 s the replans move the end to 68 (3 s spent, 7 s left). Had the ranks disagreed on
+    the end, one would wait forever in the other's gradient all-reduce."""
+    make_data(tmp_path / "data", n_A=24, n_test=2, size=(36, 36))  # 12 batches per epoch and process
+    (tmp_path / "traced.py").write_text(PLANS_TRACER.format(root=ROOT, script=os.path.join(ROOT, "cyclegan.py")))
+    flags = [a for k, a in enumerate(TINY) if a not in ("--n_epochs", "--decay_epoch")
+             and TINY[k - 1] not in ("--n_epochs", "--decay_epoch")]
+    r = torchrun(tmp_path, 2, "traced.py", *flags, "--ngf", "8", "--budget", "10s", "--sample_interval", "1000")
+    assert r.returncode == 0, r.stdout + r.stderr
+    agreed = [json.loads((tmp_path / f"agreed.{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(agreed[0]) == len(agreed[1]) > 10  # the first plan and every replan, on both ranks
+    assert [out for _, out in agreed[0]] == [out for _, out in agreed[1]]  # rank 0's, everywhere
+    assert agreed[1][0][0][:2] == [20, 0.5] and agreed[1][0][1][:2] == [40, 0.25]  # rank 1's own first plan: overruled
+    plans = torch.load(tmp_path / "saved_models" / "tiny" / "last.pt", weights_only=True)["args"]["budget_plans"]
+    assert [p[1:] for p in plans] == [out[:3] for _, out in agreed[0]] and plans[-1][1] == 68
+    rows = list(csv.DictReader(open(tmp_path / "saved_models" / "tiny" / "log.csv")))
+    assert [int(row["iteration"]) for row in rows] == list(range(68))

@@ -247,42 +247,139 @@ def test_an_iteration_budget_ends_mid_epoch_with_the_final_saves_and_the_lr_at_z
 
 
 def test_a_time_budget_is_turned_into_iterations_and_recorded(tmp_path):
+    """(20 s of the process's life, its import of PyTorch included, which takes seconds.)"""
     make_data(tmp_path / "data" / "tiny", n_test=1)
-    r = run_cli(SCRIPT, *fp32([*TINY, "--budget", "8s", "--log_interval", "1"]), cwd=tmp_path)
+    r = run_cli(SCRIPT, *fp32([*TINY, "--budget", "20s", "--log_interval", "1"]), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "--budget 8s:" in r.stdout and "s per iteration" in r.stdout
+    assert "--budget 20s:" in r.stdout and "s per iteration" in r.stdout
     models_dir = tmp_path / "saved_models" / "tiny"
     last = load(models_dir / "last.pt")
-    total = last["args"]["budget_iters"]
-    # the last plan printed (the first, or a re-plan from the run's own speed) is the one kept and run
-    plans = [line for line in r.stdout.splitlines() if line.startswith("--budget 8s:") and " iterations (" in line]
-    assert total >= 1 and plans and f": {total} iterations" in plans[-1]
-    assert logged(models_dir) == list(range(total))
+    total, plans = last["args"]["budget_iters"], last["args"]["budget_plans"]
+    # the first plan is printed, and the run's last lines say how the budget was spent: the iterations planned
+    # again from the run's own speed (log.csv has every replan; a line says so where the end moved by 1 % or more)
+    assert total >= 1 and f"on this machine: {plans[0][1]} iterations (" in r.stdout
+    assert f"for {total} iterations, {plans[0][1]} at the start; planned again {len(plans) - 1} times" in \
+        [line for line in r.stdout.splitlines() if line.startswith("--budget 20s: used ")][-1]
+    assert logged(models_dir) == list(range(total)) and plans[-1][1] == total
     assert last["epoch"] * 4 + last["batch"] == 4 * last["args"]["n_epochs"]
+    with open(models_dir / "log.csv") as f:
+        header, *rows = [line.split(",") for line in f.read().splitlines()]
+    assert [(int(row[2]) + 1, int(row[-1])) for row in rows if row[-1]] == [tuple(p[:2]) for p in plans[1:]]
 
 
-def test_a_time_budget_is_planned_again_from_the_runs_own_speed():
-    """replan_budget on a made-up clock: 10 s before the loop, then 100 iterations in 10 s, of
-    which one evaluation (every 2 epochs of 30 batches) took 5: 0.05 s per iteration. The most
-    iterations whose steps and evaluations fit the 40 s left, by brute force."""
-    opt = argparse.Namespace(budget="60s", budget_iters=1000, n_epochs=34, warmup=0.0, decay_fraction=0.5, eval_interval=2)
+def made_up_clock(monkeypatch, clock):
+    """budget's clock (seconds since the run began, by iterations done) replaced by `clock`."""
+    monkeypatch.setattr(budget, "simulated_clock", lambda: clock)
+
+
+def test_a_time_budget_is_planned_again_from_the_runs_own_speed(monkeypatch):
+    """A replan on a made-up clock: 10 s before the loop, then 100 iterations in 10 s, of
+    which one evaluation (every 2 epochs of 30 batches) took 5: 0.05 s per iteration (measured
+    from the end of the first). The most iterations whose steps and evaluations fit the 40 s
+    left, by brute force. (The replan after iteration 100 is the first, 10 % of 1000 planned.)"""
+    monkeypatch.setattr(budget, "REPLAN_EVERY", 0.1)
+    made_up_clock(monkeypatch, lambda done: {0: 10.0, 1: 10.05, 100: 20.0}[done])
+    opt = argparse.Namespace(budget="60s", budget_iters=1000, n_epochs=34, warmup=0.0, decay_fraction=0.5,
+                             eval_interval=2, budget_eval_s=5.0, budget_plans=[[0, 1000, 0.03, 50.0]])
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.BudgetLR(1000, 0.0, 0.5).step)
     procs = argparse.Namespace(ddp=False, master=False)
-    budget.replan_budget(opt, 100, 30, procs, started=0.0, loop_started=10.0, eval_s=5.0,
-                           schedulers={"optimizer_G": scheduler}, log=None, now=20.0)
+    planner = budget.Planner(opt, 30, procs, started=0.0, done=0, resumed=False)
+    for done in range(1, 101):
+        planner.after(done, {"optimizer_G": scheduler}, None)
 
     def fits(more):
         evaluations = math.ceil(math.ceil((100 + more) / 30) / 2) - 1  # every second epoch and after the last, less the one done
         return more * 0.05 + evaluations * 5.0 <= 40.0
     expected = 100 + max(more for more in range(2000) if fits(more))
     assert opt.budget_iters == expected and opt.n_epochs == math.ceil(expected / 30)
+    assert opt.budget_plans[1] == [100, expected, pytest.approx(0.05), 40.0]
     budget_lr = scheduler.lr_lambdas[0]  # the schedule follows: constant to half way, then down to 0 at the new end
     assert budget_lr(expected // 2 - 1) == 1.0
     assert budget_lr(expected - 1) == pytest.approx(1 / round(0.5 * expected)) and budget_lr(expected) == 0.0
 
     # a run on schedule (no evaluations, 0.1 s per iteration, 500 planned, 40 s left after 100) keeps its plan
-    opt = argparse.Namespace(budget="60s", budget_iters=500, n_epochs=17, warmup=0.0, decay_fraction=0.5, eval_interval=0)
+    opt = argparse.Namespace(budget="60s", budget_iters=500, n_epochs=17, warmup=0.0, decay_fraction=0.5,
+                             eval_interval=0, budget_eval_s=0.0, budget_plans=[[0, 500, 0.1, 50.0]])
     lambdas = scheduler.lr_lambdas
-    budget.replan_budget(opt, 100, 30, procs, 0.0, 10.0, 0.0, {"optimizer_G": scheduler}, None, now=20.0)
+    budget.replan_budget(opt, 100, 30, procs, step_s=0.1, left_s=40.0, schedulers={"optimizer_G": scheduler}, log=None)
     assert (opt.budget_iters, opt.n_epochs) == (500, 17) and scheduler.lr_lambdas is lambdas
+
+
+def test_replans_in_the_decay_keep_the_learning_rate_continuous_and_end_it_at_zero():
+    """Replans in the warm-up, before the decay, in it (the end further, then nearer, then one
+    iteration away): the factor never jumps (a replan after k iterations gives iteration k the
+    factor it had), in the decay it falls in straight lines to 0 at the last plan's end, and a
+    schedule rebuilt from the plans recorded so far (as --resume does) gives every factor again."""
+    f = budget.BudgetLR(100, warmup=0.1, decay=0.5)
+    replans = {5: 120, 30: 90, 60: 130, 80: 100, 95: 96}
+    plans, factors = [[0, 100]], []
+    for k in range(97):
+        if k in replans:
+            before = f.step(k)
+            f.replan(k, replans[k])
+            plans.append([k, replans[k]])
+            assert f.step(k) == before, f"the factor jumps at the replan after {k} iterations"
+        factors.append(f.step(k))
+        opt = argparse.Namespace(budget_iters=plans[-1][1], budget_plans=plans, warmup=0.1, decay_fraction=0.5)
+        assert budget.budget_schedule(opt).step(k) == factors[-1]
+    assert factors[:10] == pytest.approx([(k + 1) / 10 for k in range(10)])  # the warm-up kept the first plan's 10
+    assert factors[10:46] == [1.0] * 36  # the 90-iteration plan decays from 45 on
+    assert factors[45:61] == pytest.approx([(90 - k) / 45 for k in range(45, 61)])
+    assert factors[60:81] == pytest.approx([30 / 45 * (130 - k) / 70 for k in range(60, 81)])
+    assert factors[80:96] == pytest.approx([factors[80] * (100 - k) / 20 for k in range(80, 96)])
+    assert factors[95] > 0 and f.step(96) == 0.0  # the last iteration (95) still learns; after it the rate is 0
+    assert all(b <= a for a, b in zip(factors[45:], factors[46:]))  # once falling, it never rises again
+
+
+@pytest.mark.parametrize("after, end", [("0.125", 240 + 320), ("0.5", 240 + 80)])
+def test_a_replan_that_finds_the_speed_doubled_or_halved_moves_the_end_accordingly(monkeypatch, after, end):
+    """100 s at a made-up 0.25 s per iteration: 400 iterations, the decay from 200. From
+    iteration 240 (60 s) on the speed doubles or halves: the 40 s left hold 320 or 80 more.
+    The replans (every 1 % of the plan) see it within their window of the last 10 %, the run
+    ends exactly at 100 s, and the learning rate goes to 0 there without a jump."""
+    monkeypatch.setenv("CYCLEGAN_SIMULATED_SPEED", f"0.25,240:{after}")
+    opt = argparse.Namespace(budget="100s", warmup=0.0, decay_fraction=0.5, eval_interval=0)
+    procs = argparse.Namespace(ddp=False, master=False)
+    budget.fit_budget(opt, 30, procs, 0.0, None, False)
+    assert (opt.budget_iters, opt.budget_plans) == (400, [[0, 400, 0.25, 100.0]])
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedulers = {"G": torch.optim.lr_scheduler.LambdaLR(optimizer, budget.budget_schedule(opt).step)}
+    planner = budget.Planner(opt, 30, procs, 0.0, 0, False)
+    lrs, done = [], 0
+    while done < opt.budget_iters:  # the loop's part, as training.py has it
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        done += 1
+        planner.after(done, schedulers, None)
+        schedulers["G"].step()
+    assert done == opt.budget_iters == end and planner.clock(end) == 100.0
+    assert optimizer.param_groups[0]["lr"] == 0.0 and lrs[-1] > 0
+    plans = opt.budget_plans
+    assert [p[0] for p in plans[1:]] == [a[0] + max(1, round(0.01 * a[1])) for a in plans[:-1]]  # every 1 % of the plan
+    assert all(p[1] == 400 for p in plans if p[0] <= 240)  # nothing changed before the speed did
+    settled = [p for p, w in zip(plans[10:], plans) if w[0] >= 240]  # their window (10 replans back) after the change
+    assert settled and all(p[1] == end and p[2] == float(after) for p in settled)
+    # continuous: every replan leaves the rate of the iteration after it as it was; it falls from 200 on, and in a
+    # straight line to 0 from the first settled plan
+    for i in range(1, len(plans)):
+        old, new = (budget.budget_schedule(argparse.Namespace(budget_plans=plans[:j], budget_iters=plans[j - 1][1],
+                                                              warmup=0.0, decay_fraction=0.5)) for j in (i, i + 1))
+        assert old.step(plans[i][0]) == new.step(plans[i][0]) == pytest.approx(lrs[plans[i][0]], abs=1e-15)
+    assert lrs[:200] == [1.0] * 200 and lrs[239] == pytest.approx(161 / 200)
+    assert all(b <= a for a, b in zip(lrs, lrs[1:]))
+    r, total = settled[0][:2]
+    assert lrs[r:] == pytest.approx([lrs[r] * (total - k) / (total - r) for k in range(r, total)])
+    assert "used 1.67 of its 1.67 min (100.0 %)" in planner.spent()
+
+
+def test_a_log_of_an_older_version_keeps_its_rows_when_the_replan_column_comes():
+    import report
+    header = ["epoch", "batch", "iteration", "loss_G", "lr", "time", "replan"]
+    path = os.path.join(os.environ["XDG_CACHE_HOME"], "old-log.csv")
+    with open(path, "w") as f:
+        f.write("epoch,batch,iteration,loss_G,lr,time\n"
+                "0,0,0,1.5,0.0002,1.0\n0,1,1,1.4,0.0002,2.0\n0,2,2,1.3,0.0002,3.0\n")
+    report.keep_rows_before(path, 2, header)
+    with open(path) as f:
+        assert f.read().splitlines() == [",".join(header), "0,0,0,1.5,0.0002,1.0,", "0,1,1,1.4,0.0002,2.0,"]

@@ -8,6 +8,7 @@ Everything runs the real command line in subprocesses on tiny settings (32x32,
 one residual block, OMP_NUM_THREADS=1 everywhere: bitwise determinism needs the same
 thread count in the runs that are compared)."""
 
+import csv
 import hashlib
 import importlib.util
 import math
@@ -48,8 +49,8 @@ def data_root(cwd):
     return os.path.join(cwd, "data", "tiny")
 
 
-def run(cwd, *args, timeout=300, **kwargs):
-    return run_cli(SCRIPT, *fp32(args), cwd=cwd, env=ENV, timeout=timeout, **kwargs)
+def run(cwd, *args, timeout=300, env=ENV, **kwargs):
+    return run_cli(SCRIPT, *fp32(args), cwd=cwd, env=env, timeout=timeout, **kwargs)
 
 
 _background = []
@@ -65,10 +66,10 @@ def _stop_leftover_runs():
             proc.wait()
 
 
-def start(cwd, name, *args, **kwargs):
+def start(cwd, name, *args, env=ENV, **kwargs):
     """A background run with its output in files (a pipe nobody reads could fill up and block it)."""
     out, err = open(os.path.join(cwd, name + ".out"), "w"), open(os.path.join(cwd, name + ".err"), "w")
-    proc = start_cli(SCRIPT, *fp32(args), cwd=cwd, env=ENV, stdout=out, stderr=err, **kwargs)
+    proc = start_cli(SCRIPT, *fp32(args), cwd=cwd, env=env, stdout=out, stderr=err, **kwargs)
     out.close()
     err.close()
     _background.append(proc)
@@ -274,6 +275,58 @@ def test_sigkill_then_resume_with_every_lever_on_is_bitwise_identical(tmp_path):
     a.pop("args"), b.pop("args")
     assert_bitwise_equal(a, b, "last.pt")
     assert logged_iterations(cwd) == list(range(LEVERS_ITERS))
+
+
+# A time budget planned again in its decay, on a made-up speed (CYCLEGAN_SIMULATED_SPEED), so that
+# both runs take the same decisions whatever the CPU: 20 s at 0.25 s per iteration are 80
+# iterations, decaying from 40; from iteration 48 on at 0.125 s the replans (every iteration
+# here: 1 % of the plan) move the end to 112, and from 100 on at 0.25 s again, to 106. Killed
+# in between, the resumed run replays the plans its last.pt recorded and makes the later ones
+# from its own (made-up) speed. (Its first replans see only its own iterations: killed after
+# 58, when the replans' window of 10 iterations is past the first change, and before 89, so
+# that it has 10 of its own before the second, its windows are those of the uninterrupted run.)
+BUDGET_ENV = dict(ENV, CYCLEGAN_SIMULATED_SPEED="0.25,48:0.125,100:0.25")
+BUDGET_RUN = [*BASE[:BASE.index("--n_epochs")], "--pool_size", "3", "--n_cpu", "0", "--ngf", "8", "--budget", "20s",
+              "--decay_fraction", "0.5", "--sample_interval", "1000"]
+
+
+def test_sigkill_in_the_decay_after_a_replan_then_resume_replays_the_plans_bitwise(tmp_path):
+    ref, cwd = str(tmp_path / "ref"), str(tmp_path / "run")
+    make_data(data_root(ref), n_A=16)  # 16 batches per epoch
+    copy_data(ref, cwd)
+    k = kill_iteration("sigkill-budget", 62, 80)
+    proc = start(cwd, "killed", *BUDGET_RUN, "--log_interval", "1", "--save_latest_interval", "2", env=BUDGET_ENV)
+    wait_for_iteration(proc, cwd, "killed", k)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    saved = load(os.path.join(cwd, "saved_models", "tiny", "last.pt"))
+    done = position(saved, 16)
+    assert 58 <= done <= 88, f"killed after iteration {done}, not where the test wants it"
+    plans = saved["args"]["budget_plans"]
+    assert plans[0] == [0, 80, 0.25, 20.0] and plans[-1][:2] == [done, 112]  # the end moved, in the decay
+    r = run(cwd, "--dataset_name", "tiny", "--resume", env=BUDGET_ENV)
+    assert r.returncode == 0, r.stderr
+    assert run(ref, *BUDGET_RUN, env=BUDGET_ENV).returncode == 0  # the uninterrupted run
+    mine, theirs = (os.path.join(d, "saved_models", "tiny") for d in (cwd, ref))
+    pth = sorted(f for f in os.listdir(theirs) if f.endswith(".pth"))
+    assert pth == sorted(f for f in os.listdir(mine) if f.endswith(".pth")) and "G_AB_7.pth" in pth
+    for f in pth:
+        assert_bitwise_equal(load(os.path.join(mine, f)), load(os.path.join(theirs, f)), f)
+    a, b = load(os.path.join(mine, "last.pt")), load(os.path.join(theirs, "last.pt"))
+    args_a, args_b = a.pop("args"), b.pop("args")
+    assert {k: v for k, v in args_a.items() if k not in RESUME_HARMLESS} == \
+           {k: v for k, v in args_b.items() if k not in RESUME_HARMLESS}  # the same plans among them
+    assert_bitwise_equal(a, b, "last.pt")
+    assert args_a["budget_iters"] == 106 and a["optimizer_G"]["param_groups"][0]["lr"] == 0.0
+    # the plans after the kill were the resumed run's own: every iteration, and the second change moved the end
+    assert [p[0] for p in args_a["budget_plans"]] == list(range(106)) and args_a["budget_plans"][101][1] == 110
+    # log.csv: every iteration once, and in its replan column the plan made after each one
+    with open(os.path.join(mine, "log.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["iteration"]) for row in rows] == list(range(106))
+    assert [int(row["replan"]) for row in rows[:-1]] == [p[1] for p in args_a["budget_plans"][1:]]
+    assert "--budget 20s: used 0.33 of its 0.33 min (100.0 %) for 106 iterations, 80 at the start" in r.stdout
+    assert "--budget 20s: planned 106 times" in open(os.path.join(cwd, "images", "tiny", "index.html")).read()
 
 
 @pytest.mark.parametrize("sig,n_cpu,to_group", [
