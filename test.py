@@ -7,18 +7,24 @@ Translate images, animations and videos with a trained generator.
 
 The architecture (the seed's or the official one), the channels and the number of
 residual blocks are read from the checkpoint. By default each output has its
-input's exact size. Large images are translated in strips (--tile) with
-whole-image InstanceNorm statistics, so memory is set by the strip, not the image.
+input's exact size. Memory stays within --max_memory: video and animation frames are read,
+translated and written one batch at a time, as many frames at once as fit, and an image or
+frame too large for it is translated in strips (--tile) with whole-image InstanceNorm
+statistics, so memory is set by the strip, not the image nor the frame count.
 --output_dir also gets an index.html showing every input beside its translation.
 """
 import argparse
 import glob
+import io
 import math
 import os
+import re
 import shutil
+import struct
 import sys
 import time
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -29,13 +35,15 @@ from datasets import IMG_EXTENSIONS, composite_on_white, list_images, load_image
 from evaluate import pixel_errors, psnr
 from models import generator_channels, load_generator, to_image, to_tensor, translate
 from report import write_translations_page
-from tiling import NotEnoughTempSpace, translate_tiled
+from tiling import NotEnoughTempSpace, peak_bytes, translate_tiled
 from utils import HelpFormatter, add_device_args, check_writable, choose_precision, die, pick_device, print_lines_as_they_come, write_atomic
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
-ANIMATION_EXTENSIONS = (".gif", ".webp")  # translated frame by frame when they hold several frames
-AUTO_TILE_PIXELS = 2048 * 2048  # larger images are translated in strips unless --tile says otherwise
-DEFAULT_TILE = 1024
+ANIMATION_EXTENSIONS = (".gif", ".webp", ".png")  # translated frame by frame when they hold several frames (APNG)
+# What translating may hold at once beyond the program and the weights (--max_memory), where the CPU
+# computes: with PyTorch and a 9-block generator, about 1.6 GB at the peak, which fits beside a
+# browser on an 8 GB laptop (docs/speed_video.md). On CUDA: half the GPU memory free at the start.
+DEFAULT_MAX_MEMORY_MIB = 1024
 # Pillow's guard against decompression bombs (a tiny file that claims a huge size), set high
 # enough for any photo: strips bound the model's memory, but the decoded image itself is
 # held whole, 3 bytes a pixel (600 MB at 200 megapixels), and its translation beside it.
@@ -56,10 +64,15 @@ def get_parser():
     p.add_argument("--img_width", type=int, default=None, help="resize inputs to this width (default: keep each image's size)")
     p.add_argument("--side_by_side", action="store_true", help="write input | output side by side")
     p.add_argument("--reference_dir", default=None, help="folder of same-named ground-truth images: print MAE and PSNR")
+    p.add_argument("--max_memory", default=None,
+                   help=f"memory that translating may take beyond the program and the weights, in MiB (or 4GiB, "
+                        f"512MiB): how many frames go through at once, and which inputs go in strips and how large; "
+                        f"default: {DEFAULT_MAX_MEMORY_MIB} MiB, on CUDA half the GPU memory free at the start")
     p.add_argument("--tile", type=int, default=None,
-                   help=f"translate in strips of about N x N pixels (exact whole-image InstanceNorm statistics); "
-                        f"0: never; default: only images above {AUTO_TILE_PIXELS / 1e6:.1f} megapixels, with --tile {DEFAULT_TILE}")
-    p.add_argument("--batch_size", type=int, default=4, help="video and animation frames translated at once")
+                   help="translate in strips of about N x N pixels (exact whole-image InstanceNorm statistics); "
+                        "0: never; default: what does not fit --max_memory in one piece, in the largest strips that do")
+    p.add_argument("--batch_size", type=int, default=4,
+                   help="video and animation frames translated at once, at most: fewer where --max_memory holds fewer")
     p.add_argument("--max_megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                    help="refuse (skip) images larger than this: a small file can claim a size that would exhaust the memory")
     add_device_args(p)
@@ -73,18 +86,38 @@ def parse_args(argv):
     if opt.img_height is not None and min(opt.img_height, opt.img_width) < 1:
         die(f"--img_height {opt.img_height} --img_width {opt.img_width}: both must be at least 1")
     if opt.tile is not None and opt.tile < 0:
-        die(f"--tile {opt.tile}: give a strip size in pixels (e.g. {DEFAULT_TILE}), or 0 to never translate in strips")
+        die(f"--tile {opt.tile}: give a strip size in pixels (e.g. 1024), or 0 to never translate in strips")
     if opt.batch_size < 1:
         die(f"--batch_size {opt.batch_size}: must be at least 1")
+    if opt.max_memory is not None:
+        opt.max_memory = parse_memory(opt.max_memory)
     if not opt.max_megapixels > 0:
         die(f"--max_megapixels {opt.max_megapixels}: must be positive")
     check_writable(opt.output_dir, "--output_dir")
     return opt
 
 
+def parse_memory(text):
+    """--max_memory in bytes: a number of MiB, or with a unit (4GiB, 4G, 512MiB, 64KiB, 1000B)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(b|k|kib|m|mib|g|gib)?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) < 1:
+        die(f"--max_memory {text}: give the memory in MiB (e.g. {DEFAULT_MAX_MEMORY_MIB}) or with a unit (4GiB)")
+    return int(float(m.group(1)) * 2 ** {"b": 0, "k": 10, "m": 20, "g": 30}[(m.group(2) or "m")[0].lower()])
+
+
+def default_max_memory(device):
+    """--max_memory's default in bytes: on CUDA half the GPU memory free now, elsewhere (the CPU,
+    and Apple's MPS, which shares the computer's memory) DEFAULT_MAX_MEMORY_MIB."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return DEFAULT_MAX_MEMORY_MIB * 2**20
+
+
 def main(argv=None):
     opt = parse_args(argv)
     device = pick_device(opt.device)
+    if opt.max_memory is None:
+        opt.max_memory = default_max_memory(device)
     dtype = choose_precision(opt.amp, device)
     # Casting the weights once to a 16-bit dtype gives the same outputs as autocast, bit for
     # bit, for these generators (every layer computes in that dtype under autocast anyway;
@@ -115,8 +148,8 @@ def main(argv=None):
             failed.append(path)
             continue
         except torch.OutOfMemoryError:
-            die(f"out of memory translating {path}: translate in strips with --tile {DEFAULT_TILE // 2} "
-                f"(or smaller){' or a smaller --batch_size' if kind != 'image' else ''}")
+            die(f"out of memory translating {path}: give a smaller --max_memory than {opt.max_memory / 2**20:.0f} MiB "
+                f"(or a smaller --tile)")
         rows.append(row)
         if len(paths) > 1:
             print(f"[{k + 1}/{len(paths)}] {path} -> {os.path.join(opt.output_dir, row['output'])}", flush=True)
@@ -216,8 +249,9 @@ def translate_image_file(G, path, stem, opt, channels):
         raise Unreadable(f"{e} Above --max_megapixels {opt.max_megapixels:g}: pass a larger one if you trust this file") from e
     except Exception as e:
         raise Unreadable(f"{type(e).__name__}: {e}") from e
-    tiling_note(path, img.width, img.height, opt)
-    out = translate_one(G, img, opt)
+    _, rows = plan(G, channels, img.height, img.width, opt)
+    plan_note(path, img.width, img.height, 1, rows, opt)
+    out = translate_one(G, img, rows)
     save_png(side_by_side(img, out) if opt.side_by_side else out, os.path.join(opt.output_dir, stem + ".png"))
     row = {"kind": "image", "output": stem + ".png", "input": save_page_input(img, stem, opt.output_dir)}
     s = None
@@ -234,18 +268,46 @@ def prepare(img, opt):
     return img.resize((opt.img_width, opt.img_height), Image.BICUBIC) if opt.img_height is not None else img
 
 
-def tiling_note(path, w, h, opt):
-    """Say so when an input is translated in strips without --tile asking for it."""
-    if opt.tile is None and strip_rows_for(None, h, w) is not None:
-        print(f"note: {path} is {w}x{h}, above {AUTO_TILE_PIXELS / 1e6:.1f} megapixels: translating it in strips of "
-              f"about {DEFAULT_TILE}x{DEFAULT_TILE} pixels with whole-image statistics (--tile N sets the size, "
-              f"--tile 0 translates in one piece)", file=sys.stderr)
+def memory_needed(G, channels, h, w, rows=None):
+    """Bytes that translating one h x w input takes at once, in one piece (rows None) or in
+    strips: the network's tensors (tiling.peak_bytes) and the frame in flight besides (8-bit in
+    and out, float in and out, and the batch's copy of its input)."""
+    return peak_bytes(G, (channels, h, w), rows) + (channels + generator_channels(G)[1]) * h * w * 9
 
 
-def translate_one(G, img, opt):
-    """The translation of one PIL image (already in the model's channels and size)."""
+def plan(G, channels, h, w, opt):
+    """(frames at once, image rows per strip or None for one piece) for inputs of h x w, so
+    that translating them takes at most --max_memory: as many frames as --batch_size asks and
+    the memory holds, in one piece where one frame fits, else one at a time in the largest
+    strips that fit. --tile N asks for strips of about N x N pixels, --tile 0 for one piece."""
+    if opt.tile:
+        return 1, max(1, math.ceil(opt.tile**2 / w))
+    whole = memory_needed(G, channels, h, w)
+    if opt.tile == 0 or whole <= opt.max_memory:
+        return max(1, min(opt.batch_size, opt.max_memory // whole)), None
+    lo, hi = 1, h  # the largest strips that fit, by bisection (the need grows with the rows)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if memory_needed(G, channels, h, w, mid) <= opt.max_memory else (lo, mid - 1)
+    return 1, lo
+
+
+def plan_note(path, w, h, batch, rows, opt, frames=False):
+    """Say so when the memory bound, not a flag, puts an input in strips or frames in smaller batches."""
+    bound = f"--max_memory {opt.max_memory / 2**20:.0f} MiB"
+    if opt.tile is None and rows is not None:
+        tqdm.write(f"note: {path} is {w}x{h}: translating {'each frame' if frames else 'it'} in strips of {rows} rows "
+                   f"with whole-image statistics to stay within {bound} (--max_memory sets the bound, --tile N the "
+                   f"strip size, --tile 0 translates in one piece)", file=sys.stderr)  # above a progress bar, if any
+    elif frames and rows is None and batch < opt.batch_size:
+        tqdm.write(f"note: {path} is {w}x{h}: translating {batch} frame{'s' if batch > 1 else ''} at a time, not "
+                   f"--batch_size {opt.batch_size}, to stay within {bound}", file=sys.stderr)
+
+
+def translate_one(G, img, rows):
+    """The translation of one PIL image (already in the model's channels and size), in one
+    piece (rows None) or in strips of `rows` rows."""
     p = next(G.parameters())
-    rows = strip_rows_for(opt.tile, img.height, img.width)
     if rows is None:
         return to_image(translate(G, to_tensor(img).to(p.device, p.dtype)))
     levels = torch.from_numpy(np.array(img))  # in strips: the image stays 8-bit, 1 byte a value
@@ -286,16 +348,10 @@ def score(path, img, out, reference_dir, channels):
     return pixel_errors(ref, out, img), ref
 
 
-def strip_rows_for(tile, h, w):
-    """Image rows per strip for --tile (None: automatic), or None to translate in one piece."""
-    if tile == 0 or (tile is None and h * w <= AUTO_TILE_PIXELS):
-        return None
-    return max(1, math.ceil((tile or DEFAULT_TILE) ** 2 / w))
-
-
 # -----------------------------------------------------------------------------
-# Videos (PyAV, optional) and animated GIF/WebP (Pillow): every frame goes through the
-# same translation as an image, --batch_size frames at a time.
+# Videos (PyAV, optional) and animated GIF/WebP/PNG (Pillow), as a stream: frames are read,
+# translated and written a batch at a time, so memory is set by the batch, not the frame count.
+# Every frame goes through the same translation as an image.
 
 def import_av():
     try:
@@ -306,13 +362,12 @@ def import_av():
 
 
 def translate_frames_file(G, path, stem, kind, opt, channels):
-    """Translate a video (written as MP4, H.264) or an animated GIF/WebP (written in its own
+    """Translate a video (written as MP4, H.264) or an animated GIF/WebP/PNG (written in its own
     format with the same frame durations and loop); returns its results-page row."""
     ext = output_ext(path, kind)
-    n = []
-    write_atomic(os.path.join(opt.output_dir, stem + ext),  # streamed into a temporary file (f.name), renamed once complete
-                 lambda f: n.append((translate_video if kind == "video" else translate_animation)(G, path, f.name, opt, channels)),
-                 passes=(NotEnoughTempSpace,))
+    n, translate_file = [], translate_video if kind == "video" else translate_animation
+    write_atomic(os.path.join(opt.output_dir, stem + ext),  # streamed into a temporary file, renamed once complete
+                 lambda f: n.append(translate_file(G, path, f, opt, channels)), passes=(NotEnoughTempSpace,))
     n = n[0]
     row = {"kind": kind, "output": stem + ext, "frames": n,
            "input": os.path.join("inputs", stem + os.path.splitext(path)[1].lower())}
@@ -335,7 +390,7 @@ def copy_into(src, f):
         shutil.copyfileobj(s, f)
 
 
-def translate_video(G, path, out_path, opt, channels):
+def translate_video(G, path, f, opt, channels):
     av = import_av()
     try:
         src = av.open(path)
@@ -350,14 +405,13 @@ def translate_video(G, path, out_path, opt, channels):
         if src.streams.audio:
             print(f"note: {path} has an audio track; the translation is video only "
                   f"(ffmpeg -i OUT.mp4 -i {path} -map 0:v -map 1:a -c copy WITH_AUDIO.mp4 adds it back)", file=sys.stderr)
-        frames = (model_frame(prepare(f.to_image(), opt), channels) for f in decoded(src, stream))
-        with av.open(out_path, "w", format="mp4") as dst:
+        frames = ((model_frame(prepare(frame.to_image(), opt), channels), None) for frame in decoded(src, stream))
+        with av.open(f.name, "w", format="mp4") as dst:
             out = None
             n = 0
-            for f, y in tqdm(translate_batches(G, frames, opt), total=stream.frames or None, unit="frame",
-                             desc=os.path.basename(path), file=sys.stderr):
+            for _, y, _ in tqdm(translate_stream(G, frames, opt, channels, path), total=stream.frames or None,
+                                unit="frame", desc=os.path.basename(path), file=sys.stderr):
                 if out is None:
-                    tiling_note(path, f.width, f.height, opt)
                     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
                     out = dst.add_stream(codec, rate=rate)
                     out.width, out.height = y.width, y.height
@@ -383,25 +437,36 @@ def decoded(src, stream):
         raise Unreadable(f"{type(e).__name__}: {e}") from e
 
 
-def translate_animation(G, path, out_path, opt, channels):
+def translate_animation(G, path, f, opt, channels):
     try:
-        with Image.open(path) as im:
-            fmt, info = im.format, dict(im.info)
-            frames, durations = [], []
-            for frame in ImageSequence.Iterator(im):
-                frame.load()  # WebP sets a frame's duration when it is loaded, GIF when it is seeked to
-                durations.append(frame.info.get("duration", 100))
-                frames.append(model_frame(prepare(frame.copy(), opt), channels))
+        im = Image.open(path)
     except Exception as e:
         raise Unreadable(f"{type(e).__name__}: {e}") from e
-    tiling_note(path, frames[0].width, frames[0].height, opt)
-    outs = [y for _, y in tqdm(translate_batches(G, frames, opt), total=len(frames), unit="frame",
-                               desc=os.path.basename(path), file=sys.stderr)]
-    kw = {"loop": info["loop"]} if "loop" in info else {}  # no loop entry: play once, as the input
-    if fmt == "WEBP":
-        kw["lossless"] = True
-    outs[0].save(out_path, format=fmt, save_all=True, append_images=outs[1:], duration=durations, **kw)
-    return len(outs)
+    with im:
+        writer = {"GIF": GifWriter, "WEBP": WebPWriter, "PNG": PngWriter}.get(im.format)
+        if writer is None:
+            raise Unreadable(f"a {im.format} animation: only GIF, WebP and PNG animations are translated")
+        # an APNG may hold a still image for viewers without animation first, which is not a frame
+        skip = 1 if im.format == "PNG" and im.info.get("default_image") else 0
+        n = im.n_frames - skip
+        writer = writer(f, n, im.info.get("loop"))  # no loop entry: a GIF plays once, as the input
+        for _, y, duration in tqdm(translate_stream(G, animation_frames(im, opt, channels, skip), opt, channels, path),
+                                   total=n, unit="frame", desc=os.path.basename(path), file=sys.stderr):
+            writer.add(y, duration)
+        writer.close()
+    return writer.n
+
+
+def animation_frames(im, opt, channels, skip=0):
+    """(frame, duration in ms) of an open animation, decoded one at a time (the decoder keeps
+    one canvas); a decoding error names the file instead of a traceback."""
+    try:
+        for k, frame in enumerate(ImageSequence.Iterator(im)):
+            frame.load()  # WebP sets a frame's duration when it is loaded, GIF when it is seeked to
+            if k >= skip:
+                yield model_frame(prepare(frame.copy(), opt), channels), frame.info.get("duration", 100)
+    except Exception as e:
+        raise Unreadable(f"{type(e).__name__}: {e}") from e
 
 
 def model_frame(frame, channels):
@@ -409,28 +474,153 @@ def model_frame(frame, channels):
     return composite_on_white(frame).convert("L" if channels == 1 else "RGB")
 
 
-def translate_batches(G, frames, opt):
-    """Translate an iterable of PIL frames, yielding (input, output) pairs in order."""
-    batch = []
-    for frame in frames:
-        batch.append(frame)
-        if len(batch) == opt.batch_size:
-            yield from translate_batch(G, batch, opt)
+def translate_stream(G, frames, opt, channels, path):
+    """Translate (frame, extra) pairs as they come, yielding (frame, translation, extra) in
+    order: as many frames at once as plan() allows for their size, so that memory is bounded
+    by --max_memory whatever the number of frames or --batch_size."""
+    batch, size, batch_size, rows = [], None, 1, None
+    for frame, extra in frames:
+        if frame.size != size:  # the first frame, or a video that changes size: plan for it
+            yield from translate_batch(G, batch, rows, opt.side_by_side)
+            batch, size = [], frame.size
+            batch_size, rows = plan(G, channels, frame.height, frame.width, opt)
+            plan_note(path, frame.width, frame.height, batch_size, rows, opt, frames=True)
+        batch.append((frame, extra))
+        if len(batch) == batch_size:
+            yield from translate_batch(G, batch, rows, opt.side_by_side)
             batch = []
-    yield from translate_batch(G, batch, opt)
+    yield from translate_batch(G, batch, rows, opt.side_by_side)
 
 
-def translate_batch(G, batch, opt):
+def translate_batch(G, batch, rows, side):
+    """(frame, translation, extra) for a batch of (frame, extra): all at once in one piece, or
+    one by one in strips of `rows` rows."""
     if not batch:
         return
-    if strip_rows_for(opt.tile, batch[0].height, batch[0].width) is not None:  # large frames: one by one, in strips
-        outs = [translate_one(G, f, opt) for f in batch]
+    if rows is not None:
+        outs = [translate_one(G, frame, rows) for frame, _ in batch]
     else:
         p = next(G.parameters())
-        y = translate(G, torch.cat([to_tensor(f) for f in batch]).to(p.device, p.dtype))
+        y = translate(G, torch.cat([to_tensor(frame) for frame, _ in batch]).to(p.device, p.dtype))
         outs = [to_image(y[i:i + 1]) for i in range(len(batch))]
-    for f, out in zip(batch, outs):
-        yield f, (side_by_side(f, out) if opt.side_by_side else out)
+    for (frame, extra), out in zip(batch, outs):
+        yield frame, (side_by_side(frame, out) if side else out), extra
+
+
+# Animation writers: Pillow's save_all holds every frame until it writes (GIF and PNG, to
+# compare each with the one before; WebP lists them), so each frame is saved alone by Pillow,
+# quantized or compressed exactly as save_all would, and its data joined into the file here,
+# whose containers are simple: the frames decode to save_all's pixels (tests/test_video.py).
+
+class GifWriter:
+    """GIF89a: header, logical screen and global colour table, then blocks: extensions (0x21,
+    label) and images (0x2C, descriptor, local colour table, LZW data), each ending in an empty
+    sub-block; a trailer (0x3B). A frame's own palette becomes its local colour table."""
+
+    def __init__(self, f, frames, loop):
+        self.f, self.loop, self.n = f, loop, 0
+
+    def add(self, img, duration):
+        buf = io.BytesIO()
+        loop = {"loop": self.loop} if self.n == 0 and self.loop is not None else {}  # in the header: the first frame's
+        img.save(buf, format="GIF", duration=duration, **loop)
+        b = buf.getvalue()
+        table = 3 * 2 ** ((b[10] & 7) + 1) if b[10] & 0x80 else 0
+        p = 13 + table
+        if self.n == 0:
+            self.f.write(b"GIF89a" + b[6:p])  # 89a whatever the first frame needs: later frames carry durations
+        while b[p] != 0x3B:
+            start = p
+            if b[p] == 0x2C:  # descriptor, its colour table if any, the LZW code size
+                p += 10 + (3 * 2 ** ((b[p + 9] & 7) + 1) if b[p + 9] & 0x80 else 0) + 1
+            else:
+                p += 2
+            while b[p]:
+                p += b[p] + 1
+            p += 1
+            block = b[start:p]
+            if self.n and block[0] == 0x2C and not block[9] & 0x80 and table:
+                block = block[:9] + bytes([block[9] | 0x80 | b[10] & 7]) + b[13:13 + table] + block[10:]
+            if self.n == 0 or block[0] == 0x2C or block[1] == 0xF9:  # later frames: their image and its duration
+                self.f.write(block)
+        self.n += 1
+
+    def close(self):
+        self.f.write(b";")
+
+
+def riff_chunk(tag, data):
+    return tag + struct.pack("<I", len(data)) + data + b"\0" * (len(data) & 1)
+
+
+class WebPWriter:
+    """Animated WebP (RIFF): VP8X (canvas size, animation flag), ANIM (background, loop), then
+    one ANMF a frame (offset, size, duration, no blending) holding the frame's image chunks,
+    lossless; the RIFF size is written at the end."""
+
+    def __init__(self, f, frames, loop):
+        self.f, self.loop, self.n = f, loop or 0, 0  # Pillow's default: loop forever
+
+    def add(self, img, duration):
+        buf = io.BytesIO()
+        img.save(buf, format="WEBP", lossless=True)
+        b, p, image = buf.getvalue(), 12, b""
+        while p < len(b):
+            n = struct.unpack("<I", b[p + 4:p + 8])[0]
+            if b[p:p + 4] in (b"ALPH", b"VP8 ", b"VP8L"):
+                image += b[p:p + 8 + n + (n & 1)]
+            p += 8 + n + (n & 1)
+        size = (img.width - 1).to_bytes(3, "little") + (img.height - 1).to_bytes(3, "little")
+        if self.n == 0:
+            self.f.write(b"RIFF\0\0\0\0WEBP" + riff_chunk(b"VP8X", b"\x02\0\0\0" + size)
+                         + riff_chunk(b"ANIM", b"\0\0\0\0" + struct.pack("<H", self.loop)))
+        self.f.write(riff_chunk(b"ANMF", bytes(6) + size + round(duration).to_bytes(3, "little") + b"\x02" + image))
+        self.n += 1
+
+    def close(self):
+        end = self.f.tell()
+        self.f.seek(4)
+        self.f.write(struct.pack("<I", end - 8))
+        self.f.seek(end)
+
+
+def png_chunk(tag, data):
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+class PngWriter:
+    """APNG: signature, IHDR, acTL (frame count, plays), then per frame an fcTL (size, delay,
+    no blending) and its image data: IDAT chunks for the first frame, fdAT after; IEND."""
+
+    def __init__(self, f, frames, loop):
+        self.f, self.frames, self.loop, self.n, self.seq = f, frames, loop or 0, 0, 0
+
+    def add(self, img, duration):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        b, p, chunks = buf.getvalue(), 8, []
+        while p < len(b):
+            n, tag = struct.unpack(">I4s", b[p:p + 8])
+            chunks.append((tag, b[p + 8:p + 8 + n]))
+            p += 12 + n
+        if self.n == 0:
+            self.f.write(b[:8] + png_chunk(b"IHDR", dict(chunks)[b"IHDR"])
+                         + png_chunk(b"acTL", struct.pack(">II", self.frames, self.loop)))
+        delay = (round(duration), 1000) if duration < 65535 else (min(65535, round(duration / 10)), 100)
+        self.f.write(png_chunk(b"fcTL", struct.pack(">IIIIIHHBB", self.seq, img.width, img.height, 0, 0, *delay, 0, 0)))
+        self.seq += 1
+        for tag, data in chunks:
+            if tag == b"IDAT" and self.n == 0:
+                self.f.write(png_chunk(b"IDAT", data))
+            elif tag == b"IDAT":
+                self.f.write(png_chunk(b"fdAT", struct.pack(">I", self.seq) + data))
+                self.seq += 1
+        self.n += 1
+
+    def close(self):
+        if self.n != self.frames:
+            raise Unreadable(f"{self.n} frames decoded, the file says {self.frames}")
+        self.f.write(png_chunk(b"IEND", b""))
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
 Translating an image of any size in bounded memory: `translate_tiled(G, x, strip_rows)`
 equals `models.translate(G, x)` up to float rounding, with memory set by the strip, not
-the image (test.py --tile).
+the image (test.py --tile); `peak_bytes` says how much, for test.py --max_memory.
 
 InstanceNorm normalises with statistics of the whole map, so tiles translated on their
 own change colour tile by tile. Instead the network is cut into stages at its
@@ -231,14 +231,20 @@ def normalize(x, stats, norm):
     return y.to(x.dtype)
 
 
+def strip_ranges(stage, o0, o1):
+    """The rows of each layer's input, and then of the stage's output, that rows [o0, o1) of
+    the stage's output need, found back to front."""
+    ranges = [(o0, o1)]
+    for op, g, in_shape, _ in reversed(stage["ops"]):
+        ranges.append(input_rows(op, g, *ranges[-1], in_shape[1]))
+    return ranges[::-1]
+
+
 def stage_rows(stage, src, stats, skips, o0, o1, device, dtype):
     """Rows [o0, o1) of a stage's (pre-norm) output: find the rows each layer needs,
-    back to front, read them from the stage's input, and run the layers front to back."""
+    read them from the stage's input, and run the layers front to back."""
     ops = stage["ops"]
-    ranges = [(o0, o1)]
-    for op, g, in_shape, _ in reversed(ops):
-        ranges.append(input_rows(op, g, *ranges[-1], in_shape[1]))
-    ranges.reverse()
+    ranges = strip_ranges(stage, o0, o1)
     x = read_rows(src, *ranges[0], device, dtype)
     for (op, g, in_shape, _), (a0, a1), (b0, b1) in zip(ops, ranges, ranges[1:]):
         if is_norm(op):
@@ -254,6 +260,38 @@ def stage_rows(stage, src, stats, skips, o0, o1, device, dtype):
         else:
             x = layer_rows(op, g, x, a0, in_shape[1], b0, b1)
     return x
+
+
+def strip_step(strip_rows, rows, H):
+    """Output rows per strip of a stage with `rows` output rows, for strips of `strip_rows`
+    rows of the (padded) image of height H: every stage has about the same number of strips."""
+    return max(1, strip_rows * rows // H)
+
+
+def peak_bytes(G, shape, strip_rows=None):
+    """An upper bound of the bytes that the tensors of translating one image of `shape`
+    (C, H, W) hold at once, beyond the weights: in one piece (translate) or in strips of
+    `strip_rows` rows (translate_tiled). It is twice the largest input plus output of any
+    layer, which covers the copies beside them (a convolution's padded or reordered input,
+    InstanceNorm's float32 temporary, the strip written to disk), each strip with its halo
+    rows; in strips the 8-bit image and its translation are held whole besides. Checked
+    against the tensors alive at once in tests/test_tiling.py."""
+    c, h, w = shape
+    stages = plan_stages(G, padding_to_multiple_of_4(h, w), shape)
+    H = stages[0]["ops"][0][3][1]
+    itemsize = next(G.parameters()).dtype.itemsize
+    largest = 0
+    for k, stage in enumerate(stages):
+        rows = stage["out"][1]
+        n = h if strip_rows is not None and k == len(stages) - 1 else rows  # strips stop at the crop
+        step = n if strip_rows is None else min(n, strip_step(strip_rows, rows, H))
+        o0 = (n - step) // 2  # a strip in the middle has halo rows on both sides
+        ranges = strip_ranges(stage, o0, o0 + step)
+        for (op, _, (ci, _, wi), (co, _, wo)), (a0, a1), (b0, b1) in zip(stage["ops"], ranges, ranges[1:]):
+            size = max(itemsize, 4) if is_norm(op) else itemsize  # 16-bit maps normalise in float32
+            largest = max(largest, (ci * (a1 - a0) * wi + co * (b1 - b0) * wo) * size)
+    whole = 0 if strip_rows is None else (c + stages[-1]["out"][0]) * h * w
+    return 2 * largest + whole
 
 
 class NotEnoughTempSpace(OSError):
@@ -310,7 +348,7 @@ def translate_tiled(G, x, strip_rows, autocast=nullcontext()):
             if not last:
                 dst, new_stats = new_map(stage["out"]), None
                 files.append(dst)
-            step = max(1, strip_rows * rows // H)
+            step = strip_step(strip_rows, rows, H)
             for o0 in range(0, h if last else rows, step):
                 o1 = min(o0 + step, h if last else rows)
                 with autocast:
@@ -322,6 +360,7 @@ def translate_tiled(G, x, strip_rows, autocast=nullcontext()):
                 else:
                     new_stats = add_stats(new_stats, y)
                     write_rows(dst, o0, y)
+                del y  # freed before the next strip is computed, not when it replaces it
             for op, _, in_shape, _ in stage["ops"]:  # close what this stage used up: frees the disk space
                 if isinstance(op, tuple) and op[0] == "add":
                     skips.pop(op[1])["file"].close()

@@ -100,6 +100,42 @@ def make_generator(channels=3, seed=0, official=False, ngf=64, n_blocks=2, antia
     return G.eval()
 
 
+def live_tensor_bytes():
+    """A torch dispatch mode (`with live_tensor_bytes() as m:`) whose `m.peak` is the most bytes
+    held at once by the tensors that torch computes inside it: each storage that an op makes
+    (not one it returns a view of, or writes in place) counts from that op until it is freed
+    (its Python object lives exactly as long as it). Scratch memory inside an op is not seen."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def storages(tree):
+        return [t.untyped_storage() for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+    class LiveTensorBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.now, self.peak = {}, 0, 0
+
+        def free(self, key):
+            self.now -= self.live.pop(key)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {s.data_ptr() for s in storages((args, kwargs))}
+            for s in storages(out):
+                if s.nbytes() and s.data_ptr() not in given and s.data_ptr() not in self.live:
+                    self.live[s.data_ptr()] = s.nbytes()
+                    self.now += s.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(s, self.free, s.data_ptr())
+            return out
+
+    return LiveTensorBytes()
+
+
 # -----------------------------------------------------------------------------
 # Tiny datasets, and test.py in this process
 

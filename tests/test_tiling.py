@@ -2,6 +2,7 @@
 up to float rounding on odd sizes, for both generator layouts and strips from one row
 to the whole image; no tensor it computes is larger than a strip; its temporary files
 never outlive it; and the command line uses it when asked or when an image is large."""
+import argparse
 import os
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import tiling  # noqa: E402
 from models import GeneratorResNet, OfficialGenerator, to_levels, translate  # noqa: E402
-from conftest import run_translate as run_main, translate_script  # noqa: E402
+from conftest import live_tensor_bytes, run_translate as run_main, translate_script  # noqa: E402
 
 tt = translate_script()
 
@@ -209,35 +210,60 @@ def test_tile_flag_gives_the_untiled_pixels(ckpt, tmp_path, capsys):
     assert diff.shape == (45, 38, 3) and diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
-def test_images_above_the_size_limit_are_tiled_with_a_one_line_note_naming_the_flag(
+def test_images_that_do_not_fit_max_memory_go_in_the_largest_strips_that_do_with_a_one_line_note(
         ckpt, tmp_path, capsys, monkeypatch):
-    path, _ = ckpt
-    monkeypatch.setattr(tt, "AUTO_TILE_PIXELS", 40 * 30)
+    path, G = ckpt
+    small, large = tt.memory_needed(G, 3, 30, 40), tt.memory_needed(G, 3, 60, 80)
+    budget = (small + large) // 2  # the small image fits in one piece, the large one does not
     calls = []
     translate_tiled = tt.translate_tiled
     monkeypatch.setattr(tt, "translate_tiled", lambda *a, **k: calls.append(a[2]) or translate_tiled(*a, **k))
     (tmp_path / "in").mkdir()
-    save_png(image_tensor(30, 40), tmp_path / "in" / "at_limit.png")
-    save_png(image_tensor(31, 40), tmp_path / "in" / "above.png")
-    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in", "--output_dir", tmp_path / "out"],
-                            capsys)
+    save_png(image_tensor(30, 40), tmp_path / "in" / "small.png")
+    save_png(image_tensor(60, 80), tmp_path / "in" / "large.png")
+    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in", "--output_dir", tmp_path / "out",
+                             "--max_memory", f"{budget}B"], capsys)
     assert code == 0, err
     notes = [line for line in err.splitlines() if "strips" in line]
-    assert len(notes) == 1 and "above.png" in notes[0] and "--tile 0" in notes[0] and "--tile N" in notes[0]
-    assert calls == [tt.strip_rows_for(None, 31, 40)]  # only the image above the limit
-    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in" / "above.png", "--output_dir",
-                             tmp_path / "whole", "--tile", 0], capsys)
+    assert len(notes) == 1 and "large.png" in notes[0] and "--max_memory" in notes[0], err
+    assert "--tile 0" in notes[0] and "--tile N" in notes[0]
+    assert len(calls) == 1  # only the large image, in the largest strips within the budget
+    assert tt.memory_needed(G, 3, 60, 80, calls[0]) <= budget < tt.memory_needed(G, 3, 60, 80, calls[0] + 1)
+    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in" / "large.png", "--output_dir",
+                             tmp_path / "whole", "--tile", 0, "--max_memory", f"{budget}B"], capsys)
     assert code == 0 and "strips" not in err and len(calls) == 1
-    diff = np.abs(pixels(tmp_path / "out" / "above.png") - pixels(tmp_path / "whole" / "above.png"))
+    diff = np.abs(pixels(tmp_path / "out" / "large.png") - pixels(tmp_path / "whole" / "large.png"))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
-def test_strip_rows_make_strips_of_about_tile_squared_pixels():
-    assert tt.strip_rows_for(0, 10**5, 10**5) is None  # --tile 0: never
-    assert tt.strip_rows_for(None, 100, 100) is None  # small: in one piece
-    assert tt.strip_rows_for(512, 100, 100) == 512 * 512 // 100 + 1  # asked for: always in strips
-    assert tt.strip_rows_for(None, 5000, 4000) == -(-tt.DEFAULT_TILE**2 // 4000)
-    assert tt.strip_rows_for(4, 10, 10**6) == 1
+def opts(max_memory, tile=None, batch_size=4):
+    return argparse.Namespace(max_memory=int(max_memory), tile=tile, batch_size=batch_size)
+
+
+def test_plan_takes_as_many_frames_as_batch_size_asks_and_max_memory_holds_and_strips_for_a_frame_that_does_not_fit():
+    G = generator("seed")
+    one = tt.memory_needed(G, 3, 40, 48)
+    assert tt.plan(G, 3, 40, 48, opts(100 * one)) == (4, None)  # room for more: --batch_size decides
+    assert tt.plan(G, 3, 40, 48, opts(2.5 * one)) == (2, None)
+    assert tt.plan(G, 3, 40, 48, opts(one)) == (1, None)
+    batch, rows = tt.plan(G, 3, 40, 48, opts(one - 1))
+    assert batch == 1 and rows < 40 and tt.memory_needed(G, 3, 40, 48, rows) <= one - 1
+    assert tt.plan(G, 3, 40, 48, opts(1, tile=0)) == (1, None)  # --tile 0: in one piece, however little memory
+    assert tt.plan(G, 3, 100, 100, opts(2**40, tile=512)) == (1, 512 * 512 // 100 + 1)  # --tile N: always in strips
+    assert tt.plan(G, 3, 10, 10**6, opts(2**40, tile=4)) == (1, 1)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peak_bytes_bounds_the_tensors_alive_at_once_in_one_piece_and_in_strips(arch, dtype):
+    G = generator(arch).to(dtype)
+    for h, w, rows in [(37, 50, None), (37, 50, 1), (37, 50, 6), (37, 50, 1000), (130, 24, 16)]:
+        # in one piece as test.py translates: float; in strips 8-bit levels in and out
+        x = image_tensor(h, w, dtype=dtype) if rows is None else levels(image_tensor(h, w)).byte()
+        with live_tensor_bytes() as m:
+            translate(G, x) if rows is None else tiling.translate_tiled(G, x, rows)
+        need = tiling.peak_bytes(G, (3, h, w), rows)
+        assert need / 4 < m.peak <= need, (h, w, rows)  # an upper bound, not a wild one
 
 
 def test_not_enough_temporary_space_is_one_line_naming_tmpdir(ckpt, tmp_path, capsys, monkeypatch):
@@ -252,7 +278,9 @@ def test_not_enough_temporary_space_is_one_line_naming_tmpdir(ckpt, tmp_path, ca
     assert not (tmp_path / "out" / "in.png").exists()
 
 
-@pytest.mark.parametrize("flags", [["--tile", "-1"], ["--batch_size", "0"]])
-def test_negative_tile_and_zero_batch_size_are_one_line_errors_naming_the_flag(ckpt, tmp_path, capsys, flags):
+@pytest.mark.parametrize("flags", [["--tile", "-1"], ["--batch_size", "0"], ["--max_memory", "0"],
+                                   ["--max_memory", "2TB"]])
+def test_negative_tile_zero_batch_size_and_bad_max_memory_are_one_line_errors_naming_the_flag(ckpt, tmp_path, capsys,
+                                                                                              flags):
     code, _, err = run_main(["--checkpoint", ckpt[0], "--image_path", tmp_path, *flags], capsys)
     assert code == 2 and len([line for line in err.splitlines() if line.strip()]) == 1 and flags[0] in err

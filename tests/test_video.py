@@ -1,8 +1,13 @@
-"""test.py on videos (PyAV) and animated GIF/WebP (Pillow): every frame translated, in
+"""test.py on videos (PyAV) and animated GIF/WebP/PNG (Pillow): every frame translated, in
 order, as an image would be; the frame count, size, frame rate or frame durations and
-loop survive; and a missing PyAV is one line saying what to install."""
+loop survive; frames are read, translated and written as a stream, within --max_memory
+whatever the frame count and --batch_size; and a missing PyAV is one line saying what to
+install."""
+import argparse
+import gc
 import os
 import sys
+import weakref
 from fractions import Fraction
 
 import numpy as np
@@ -12,7 +17,7 @@ from PIL import Image, ImageSequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from models import GeneratorResNet, to_image, to_tensor, translate  # noqa: E402
-from conftest import run_translate as run_main, translate_script  # noqa: E402
+from conftest import live_tensor_bytes, run_translate as run_main, translate_script  # noqa: E402
 
 tt = translate_script()
 
@@ -166,6 +171,7 @@ def durations_and_loop(path):
 
 @pytest.mark.parametrize("ext, save_kw, loop", [
     (".webp", {"lossless": True, "loop": 3}, 3),
+    (".png", {"loop": 2}, 2),  # APNG
     (".gif", {"loop": 0}, 0),
     (".gif", {}, None),  # no loop entry: played once, and still so after translation
 ])
@@ -184,7 +190,7 @@ def test_animation_keeps_frame_count_size_durations_and_loop_and_translates_each
     assert (len(outputs), out_durations, out_loop, size) == (5, durations, loop, (30, 21))
     for out, a in zip(outputs, inputs):
         diff = np.abs(out - translated(G, a.astype(np.uint8)))
-        if ext == ".webp":  # lossless: the translation itself (max 1: rounding between processes' kernels)
+        if ext != ".gif":  # lossless: the translation itself (max 1: rounding between processes' kernels)
             assert diff.max() <= 1 and (diff > 0).mean() < 0.01
         else:  # GIF: 256 colours per frame
             assert diff.mean() < 6
@@ -197,3 +203,147 @@ def test_single_frame_gif_is_a_still_image(ckpt, tmp_path, capsys):
     code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "still.gif", "--output_dir", tmp_path / "out"], capsys)
     assert code == 0, err
     assert os.path.exists(tmp_path / "out" / "still.png") and not os.path.exists(tmp_path / "out" / "still.gif")
+
+
+def test_apng_still_default_image_is_not_a_frame(ckpt, tmp_path, capsys):
+    path, G = ckpt
+    still, *frames = [Image.fromarray(a) for a in random_frames(4, 30, 21, seed=4)]
+    still.save(tmp_path / "anim.png", save_all=True, append_images=frames, duration=[50, 60, 70], default_image=True)
+    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "anim.png",
+                             "--output_dir", tmp_path / "out"], capsys)
+    assert code == 0, err
+    outputs, durations, _, _ = durations_and_loop(tmp_path / "out" / "anim.png")
+    assert len(outputs) == 3 and durations == [50, 60, 70]
+    for out, a in zip(outputs, frames):
+        assert np.abs(out - translated(G, np.asarray(a))).max() <= 1
+
+
+# -----------------------------------------------------------------------------
+# a stream, in bounded memory
+
+def write_animation(path, frames, **kw):
+    frames = [Image.fromarray(a) for a in frames]
+    kw = {"lossless": True, **kw} if str(path).endswith(".webp") else kw
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=[40 + 10 * i for i in range(len(frames))],
+                   **kw)
+
+
+@pytest.mark.parametrize("ext", [".gif", ".webp", ".png"])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_streamed_animation_decodes_to_the_frames_pillows_save_all_writes_with_the_same_durations_and_loop(
+        tmp_path, ext, mode):
+    # what test.py wrote before it streamed: save_all of every translated frame at once
+    frames = [Image.fromarray(a).convert(mode) for a in random_frames(5, 30, 21, seed=5)]
+    durations, kw = [40, 80, 120, 60, 100], {"lossless": True} if ext == ".webp" else {}
+    frames[0].save(tmp_path / f"all{ext}", save_all=True, append_images=frames[1:], duration=durations, loop=3, **kw)
+    writer = {".gif": tt.GifWriter, ".webp": tt.WebPWriter, ".png": tt.PngWriter}[ext]
+    with open(tmp_path / f"stream{ext}", "wb") as f:
+        w = writer(f, len(frames), 3)
+        for frame, d in zip(frames, durations):
+            w.add(frame, d)
+        w.close()
+    expected, streamed = durations_and_loop(tmp_path / f"all{ext}"), durations_and_loop(tmp_path / f"stream{ext}")
+    assert streamed[1:] == expected[1:] == (durations, 3, (30, 21))
+    assert len(streamed[0]) == len(expected[0]) == 5
+    for a, b in zip(streamed[0], expected[0]):
+        assert np.array_equal(a, b)  # the same integer quantization and lossless coding: exact
+
+
+def test_a_gif_without_a_loop_entry_is_streamed_without_one(tmp_path):
+    with open(tmp_path / "once.gif", "wb") as f:
+        w = tt.GifWriter(f, 2, None)
+        for a in random_frames(2, 16, 12):
+            w.add(Image.fromarray(a), 50)
+        w.close()
+    frames, durations, loop, _ = durations_and_loop(tmp_path / "once.gif")
+    assert len(frames) == 2 and durations == [50, 50] and loop is None
+
+
+@pytest.fixture
+def live_images(monkeypatch):
+    """How many PIL images are alive: every image counts from when it is made until it is freed."""
+    alive = {}
+    init = Image.Image.__init__
+
+    def counted(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        alive[id(self)] = True
+        weakref.finalize(self, alive.pop, id(self), None)
+
+    monkeypatch.setattr(Image.Image, "__init__", counted)
+    return alive
+
+
+@pytest.mark.parametrize("ext", [".gif", ".webp", ".png", ".mkv"])
+def test_frames_are_read_translated_and_written_as_a_stream_as_many_images_alive_for_16_frames_as_for_4(
+        ckpt, tmp_path, capsys, monkeypatch, live_images, ext):
+    if ext == ".mkv":
+        av = pytest.importorskip("av", reason=AV_REASON)
+        if "ffv1" not in av.codecs_available:
+            pytest.skip("this PyAV build has no ffv1 encoder")
+    path, _ = ckpt
+    translate, alive = tt.translate, []
+
+    def counting(*args, **kwargs):  # each batch: how many decoded or translated frames are held now
+        gc.collect()
+        alive.append(len(live_images))
+        return translate(*args, **kwargs)
+
+    monkeypatch.setattr(tt, "translate", counting)
+    most = []
+    for n in (4, 16):
+        frames = random_frames(n, 24, 16, seed=n)
+        if ext == ".mkv":
+            write_clip(tmp_path / f"clip{n}{ext}", frames, Fraction(10), "ffv1", "bgr0")
+        else:
+            write_animation(tmp_path / f"clip{n}{ext}", frames, loop=0)
+        alive.clear()
+        code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / f"clip{n}{ext}", "--output_dir",
+                                 tmp_path / "out", "--batch_size", 2], capsys)
+        assert code == 0, err
+        assert len(alive) == n // 2  # batches of 2
+        most.append(max(alive))
+    # held all at once, 16 frames would be 12 more than 4; a stream holds a batch, the one
+    # before it being written, and the decoder's own canvas
+    assert most[1] == most[0] <= 8, most
+
+
+def bounded_and_unbounded_runs(G, path, clip, tmp_path, capsys, monkeypatch, budget, batch_size):
+    """Run test.py on clip with --max_memory budget (bytes) and with the default: the peak of
+    the tensor bytes alive at once while translating each, and the output files."""
+    translate_animation, peaks = tt.translate_animation, []
+
+    def measured(*args):
+        with live_tensor_bytes() as m:
+            n = translate_animation(*args)
+        peaks.append(m.peak)
+        return n
+
+    monkeypatch.setattr(tt, "translate_animation", measured)
+    outs = []
+    for name, flags in (("bounded", ["--max_memory", f"{budget}B"]), ("default", [])):
+        code, _, err = run_main(["--checkpoint", path, "--image_path", clip, "--output_dir", tmp_path / name,
+                                 "--batch_size", batch_size, *flags], capsys)
+        assert code == 0, err
+        outs.append(durations_and_loop(tmp_path / name / os.path.basename(clip))[0])
+    return peaks, outs
+
+
+@pytest.mark.parametrize("fraction, plan", [(1.2, "one frame at a time"), (0.6, "in strips")])
+def test_frames_stay_within_a_max_memory_that_batch_size_12_would_exceed_several_times(ckpt, tmp_path, capsys,
+                                                                                        monkeypatch, fraction, plan):
+    path, G = ckpt
+    inputs = random_frames(12, 40, 32, seed=6)
+    write_animation(tmp_path / "clip.webp", inputs, loop=0)
+    budget = int(fraction * tt.memory_needed(G, 3, 32, 40))  # what one frame takes in one piece, times fraction
+    batch, rows = tt.plan(G, 3, 32, 40, argparse.Namespace(max_memory=budget, tile=None, batch_size=12))
+    assert (batch, rows is not None) == {"one frame at a time": (1, False), "in strips": (1, True)}[plan]
+    assert batch * tt.memory_needed(G, 3, 32, 40, rows) <= budget  # the plan's own count
+    peaks, (bounded, default) = bounded_and_unbounded_runs(G, path, tmp_path / "clip.webp", tmp_path, capsys,
+                                                           monkeypatch, budget, 12)
+    # measured: the tensors alive at once, within the budget; all 12 frames at once, several times it
+    assert peaks[0] <= budget and peaks[1] > 3 * budget, (peaks, budget)
+    assert len(bounded) == len(default) == 12
+    for b, d, a in zip(bounded, default, inputs):  # other batches or strips: float rounding only
+        assert np.abs(b - d).max() <= 1 and (b != d).mean() < 0.01
+        assert np.abs(b - translated(G, a)).max() <= 1
