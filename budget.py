@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from utils import die
 
-REPLAN_EVERY = 0.01  # of the planned iterations (docs/budget_notes.md: what a replan costs, how noisy the speed is)
+REPLAN_EVERY = 0.01  # of the planned iterations (docs/budget.md: what a replan costs, how noisy the speed is)
 REPLAN_WINDOW = 10   # replan intervals: the speed a replan plans with is that of the last ones, so a load change shows
 
 

@@ -42,7 +42,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 ANIMATION_EXTENSIONS = (".gif", ".webp", ".png")  # translated frame by frame when they hold several frames (APNG)
 # What translating may hold at once beyond the program and the weights (--max_memory), where the CPU
 # computes: with PyTorch and a 9-block generator, about 1.6 GB at the peak, which fits beside a
-# browser on an 8 GB laptop (docs/speed_video.md). On CUDA: half the GPU memory free at the start.
+# browser on an 8 GB laptop (docs/speed.md). On CUDA: half the GPU memory free at the start.
 DEFAULT_MAX_MEMORY_MIB = 1024
 # Pillow's guard against decompression bombs (a tiny file that claims a huge size), set high
 # enough for any photo: strips bound the model's memory, but the decoded image itself is
