@@ -4,6 +4,7 @@ Score a generator, or any folder of images, with FID and KID.
     python evaluate.py --checkpoint saved_models/horse2zebra/G_AB_200.pth --dataset_name horse2zebra
     python evaluate.py --checkpoint latest_net_G.pth --data_root data/horse2zebra --direction AtoB
     python evaluate.py --real data/horse2zebra/testB --fake results/fake_B --json scores.json
+    python evaluate.py --dataset_name my_set --domains     # before training: which command to start
 
 With a checkpoint, the source domain's test images (testA for G_AB, testB for G_BA) are
 translated at their own size, as test.py does, and compared with the real test images of
@@ -70,6 +71,9 @@ def get_parser():
                    help="what the generator translates (default: read from the file name, G_AB or G_BA)")
     p.add_argument("--generator", choices=("G_AB", "G_BA"), default=None,
                    help="which generator to use from a full-state last.pt")
+    p.add_argument("--domains", action="store_true",
+                   help="before training: how far apart the training domains of --dataset_name are, and which "
+                        "command to start with (README: CycleGAN or CUT?)")
     p.add_argument("--real", default=None, help="folder of real images (instead of --checkpoint)")
     p.add_argument("--fake", default=None, help="folder of generated images to compare with --real")
     p.add_argument("--n", type=int, default=None, help="use only the first N images of each folder (default: all)")
@@ -358,6 +362,60 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
     return results
 
 
+# -----------------------------------------------------------------------------
+# Before training: which command suits two folders (--domains)
+
+# Measured on the benchmark sets (docs/quality.md, "Which command for which task"): where
+# copying A already scores well as B, neither command beat it and CUT fell furthest behind;
+# where the domains are far apart and B holds far fewer colours than A (line art, masks),
+# CUT won; where they are far apart and B is as rich as A, CycleGAN did.
+CLOSE_FID = 120  # FID of copying trainA as trainB below which the domains count as close
+FEWER_COLOURS = 0.5  # B "holds far fewer colours" below this fraction of A's
+
+
+def colours_per_image(paths, channels=3):
+    """The mean number of distinct colours in an image, at 8 levels a channel (so that
+    anti-aliased edges and JPEG noise do not count as colours)."""
+    counts = []
+    for path in paths:
+        levels = np.asarray(read_image(path, channels)).reshape(-1, channels) // 32
+        counts.append(len(np.unique(levels, axis=0)))
+    return float(np.mean(counts))
+
+
+def suggest_command(fid, colours_A, colours_B):
+    """(the script to start, why) from the domains' distance and colours, as docs/quality.md found."""
+    if fid < CLOSE_FID:
+        return "cyclegan.py", (f"the domains are close (copying A scores FID {fid:.1f} as B, under {CLOSE_FID}): "
+                               f"start with CycleGAN's recipe, which starts as the identity (--identity_start), and "
+                               f"check each evaluation against copying; CUT added noise on such sets")
+    if colours_B < FEWER_COLOURS * colours_A:
+        return "cut.py", (f"the domains are far apart (FID {fid:.1f}) and B holds far fewer colours than A "
+                          f"({colours_B:.1f} against {colours_A:.1f} an image): a reduction such as colour -> "
+                          f"line art, where CUT's patch correspondence wins and CycleGAN's cycle hides A's colours")
+    return "cyclegan.py", (f"the domains are far apart (FID {fid:.1f}) and B is as rich as A ({colours_B:.1f} "
+                           f"colours an image against {colours_A:.1f}): the change has to invent what A lacks, "
+                           f"where CycleGAN's cycle kept the content and CUT did not")
+
+
+def domain_report(root, net, device, n, batch_size, cache_dir):
+    """FID and KID of copying trainA as trainB, each domain's colours, and the command to start."""
+    try:
+        dir_A, dir_B = split_dirs(root, "train")
+    except FileNotFoundError as e:
+        die(str(e))
+    t0 = time.time()
+    feats_A, _ = folder_features(dir_A, net, device, n, batch_size, cache_dir, "trainA")
+    feats_B, _ = folder_features(dir_B, net, device, n, batch_size, cache_dir, "trainB")
+    results = {**scores(feats_B, feats_A, "_copy"), "n_real": len(feats_B), "n_fake": len(feats_A),
+               "colours_A": colours_per_image(folder_images(dir_A, n, "trainA")),
+               "colours_B": colours_per_image(folder_images(dir_B, n, "trainB"))}
+    results["command"], results["why"] = suggest_command(results["fid_copy"], results["colours_A"],
+                                                         results["colours_B"])
+    results.update(seconds=time.time() - t0, train_A=dir_A, train_B=dir_B)
+    return results
+
+
 def infer_direction(checkpoint, generator=None):
     """'AtoB' or 'BtoA' from --generator or the file name: G_AB* / G_BA* (also best_G_AB.pth),
     or the official repository's *net_G_A* (A->B) / *net_G_B*; None when it does not say."""
@@ -375,8 +433,9 @@ def fmt(r, prefix=""):
 def main(argv=None):
     opt = get_parser().parse_args(argv)
     folder_mode = opt.real is not None or opt.fake is not None
-    if folder_mode == (opt.checkpoint is not None):
-        die("give either --checkpoint (with --dataset_name or --data_root) or --real DIR --fake DIR")
+    if folder_mode + (opt.checkpoint is not None) + opt.domains != 1:
+        die("give one of --checkpoint (with --dataset_name or --data_root), --real DIR --fake DIR, or --domains "
+            "(with --dataset_name or --data_root)")
     if folder_mode and (opt.real is None or opt.fake is None):
         die("--real and --fake go together: the real images and the generated ones")
     if opt.n is not None and opt.n < 2:
@@ -390,7 +449,19 @@ def main(argv=None):
     device = pick_device(opt.device)
     cache_dir = opt.cache_dir or default_cache_dir()
 
-    if folder_mode:
+    if opt.domains:
+        if opt.data_root is None and opt.dataset_name is None:
+            die("--domains needs --dataset_name NAME (data/NAME) or --data_root DIR, with trainA and trainB")
+        net = load_inception(opt.inception, device)
+        results = domain_report(opt.data_root or os.path.join("data", opt.dataset_name), net, device, opt.n,
+                                opt.batch_size, cache_dir)
+        print(f"{results['train_A']} ({results['n_fake']} images) copied as {results['train_B']} "
+              f"({results['n_real']}): {fmt(results, '_copy')}")
+        print(f"distinct colours an image (8 levels a channel): A {results['colours_A']:.1f}, "
+              f"B {results['colours_B']:.1f}")
+        print(f"start with {results['command']}: {results['why']}")
+        n_images = results["n_real"] + results["n_fake"]
+    elif folder_mode:
         folder_images(opt.real, opt.n, "--real")
         folder_images(opt.fake, opt.n, "--fake")
         net = load_inception(opt.inception, device)
