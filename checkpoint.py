@@ -46,8 +46,8 @@ RUN_WEIGHTS = re.compile(r"(G_AB|G_BA|D_A|D_B|F)_\d+\.pth|best_(G_AB|G_BA)\.pth"
 def run_files(opt):
     """The files of the run in saved_models/<dataset_name>/ and its sample grids in images/<dataset_name>/."""
     model_dir, images = os.path.join("saved_models", opt.dataset_name), os.path.join("images", opt.dataset_name)
-    found = [os.path.join(model_dir, f) for f in sorted(os.listdir(model_dir)) if f in ("last.pt", "log.csv", "eval.csv")
-             or RUN_WEIGHTS.fullmatch(f)] if os.path.isdir(model_dir) else []
+    found = [os.path.join(model_dir, f) for f in sorted(os.listdir(model_dir))
+             if f in ("last.pt", "log.csv", "eval.csv") or RUN_WEIGHTS.fullmatch(f)] if os.path.isdir(model_dir) else []
     grids = [os.path.join(images, f) for f in sorted(os.listdir(images)) if f.endswith(".png") and f[:-4].isdigit()
              or f in ("index.html", "losses.png", "fid.png")] if os.path.isdir(images) else []
     return found, grids
@@ -103,8 +103,8 @@ def hold_run_folder(folder):
     however it ends, so a crash or SIGKILL leaves no stale lock. Another holder: one line naming
     it."""
     if fcntl is None:
-        print(f"note: no fcntl on this platform: nothing stops a second run from writing into {folder} at the same time",
-              file=sys.stderr)
+        print(f"note: no fcntl on this platform: nothing stops a second run from writing into {folder} "
+              f"at the same time", file=sys.stderr)
         return nullcontext()
     os.makedirs(folder, exist_ok=True)
     f = open(os.path.join(folder, ".lock"), "a+")
@@ -117,8 +117,10 @@ def hold_run_folder(folder):
             f"another --dataset_name")
     f.seek(0)
     f.truncate()
-    command = " ".join(["python"] + [os.path.basename(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0] else "python"
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {command[:200]}\n")
+    command = (" ".join(["python"] + [os.path.basename(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0]
+               else "python")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} "
+            f"since {time.strftime('%Y-%m-%d %H:%M:%S')}: {command[:200]}\n")
     f.flush()
     HELD_LOCKS[:] = [held for held in HELD_LOCKS if not held.closed] + [f]
     return f
@@ -264,8 +266,8 @@ class TrainingState:
     the arguments and the RNG states); load_state_dict() restores it. Under DDP every process
     holds its own replay buffers: save() gathers them."""
 
-    def __init__(self, opt, nets, optimizers, schedulers, buffers, scaler=None, device_type="cpu", precision="fp32", ema=None,
-                 algorithm="CycleGAN"):
+    def __init__(self, opt, nets, optimizers, schedulers, buffers, scaler=None, device_type="cpu", precision="fp32",
+                 ema=None, algorithm="CycleGAN"):
         self.opt, self.nets, self.optimizers, self.schedulers = opt, nets, optimizers, schedulers
         self.ema = ema or {}  # {"G_AB": averaged copy, "G_BA": ...}, or {} without --ema
         # {"fake_A": ReplayBuffer, "fake_B": ReplayBuffer} (CycleGAN), {"fake_B": ...} (CUT): saved in this order
@@ -286,8 +288,8 @@ class TrainingState:
     def state_dict(self, replay_buffers=None):
         """`replay_buffers`: the buffer states (fake_A, fake_B) of every process (DDP); by
         default this process's alone."""
-        state = {"args": vars(self.opt), "algorithm": self.algorithm, "epoch": self.epoch, "batch": self.batch, "rng": rng_state(),
-                 "replay_buffers": replay_buffers or [self.buffer_states()],
+        state = {"args": vars(self.opt), "algorithm": self.algorithm, "epoch": self.epoch, "batch": self.batch,
+                 "rng": rng_state(), "replay_buffers": replay_buffers or [self.buffer_states()],
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "best_fid": self.best_fid, "device_type": self.device_type, "precision": self.precision}
         state.update({name: net.state_dict() for name, net in self.nets.items()})
@@ -313,10 +315,11 @@ class TrainingState:
             self.scaler.load_state_dict(state["scaler"])
         saved_buffers = state["replay_buffers"]  # one tuple of buffer states per process of the saved run
         if len(saved_buffers) != world_size and state["batch"] != 0:
-            die(f"--resume: last.pt was saved mid-epoch by {len(saved_buffers)} process(es), and this run has {world_size}; "
-                f"the rest of that epoch cannot be split the same way. Resume with {len(saved_buffers)} process(es), "
-                f"or from a last.pt saved at the end of an epoch")
-        for buffer, saved in zip(self.buffers.values(), saved_buffers[rank % len(saved_buffers)], strict=True):  # round robin if fewer
+            die(f"--resume: last.pt was saved mid-epoch by {len(saved_buffers)} process(es), "
+                f"and this run has {world_size}; the rest of that epoch cannot be split the same way. "
+                f"Resume with {len(saved_buffers)} process(es), or from a last.pt saved at the end of an epoch")
+        # round robin if the saved run had fewer processes
+        for buffer, saved in zip(self.buffers.values(), saved_buffers[rank % len(saved_buffers)], strict=True):
             buffer.load_state_dict(saved, device)
         set_rng_state(state["rng"])
         self.epoch, self.batch = state["epoch"], state["batch"]
@@ -386,8 +389,8 @@ def restore(opt, resume_state, state, device, procs, model_dir):
         was = resume_state.get("device_type"), resume_state.get("precision")
         now = state.device_type, state.precision
         if was[0] is not None and was != now:
-            print(f"note: last.pt was trained on {was[0]} in {was[1]}, this run is on {now[0]} in {now[1]}: it continues "
-                  f"the run, but not bitwise as an uninterrupted run would", file=sys.stderr)
+            print(f"note: last.pt was trained on {was[0]} in {was[1]}, this run is on {now[0]} in {now[1]}: "
+                  f"it continues the run, but not bitwise as an uninterrupted run would", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from utils import die, save_atomic, write_atomic, write_failed, write_text_atomi
 
 EVAL_COLUMNS = ["fid", "kid_mean", "kid_std", "fid_identity", "kid_identity_mean", "mae", "psnr"]
 PAGE_STYLE = ("body{font-family:sans-serif;margin:2em}img,video{max-width:100%;image-rendering:pixelated}"
-              "figure{display:inline-block;margin:0 1em 1em 0}td,th{padding:4px 1em 4px 0;vertical-align:top;text-align:left}"
+              "figure{display:inline-block;margin:0 1em 1em 0}"
+              "td,th{padding:4px 1em 4px 0;vertical-align:top;text-align:left}"
               "td.name{padding-top:1em;font-size:90%;color:#444}table img,table video{max-width:400px;max-height:400px;"
               "min-width:96px;border:1px solid #ccc}")
 
@@ -53,7 +54,8 @@ class TrainingLog:
 
     def __init__(self, path, loss_names, total, done, log_interval, model_dir, writer=None):
         """`loss_names`: what the training step returns, in the order of log.csv's columns."""
-        self.path, self.total, self.log_interval, self.model_dir, self.writer = path, total, log_interval, model_dir, writer
+        self.path, self.total, self.log_interval = path, total, log_interval
+        self.model_dir, self.writer = model_dir, writer
         self.loss_names = loss_names
         self.header = ["epoch", "batch", "iteration", *loss_names, "lr", "time", "replan"]
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -86,7 +88,8 @@ class TrainingLog:
         epoch, batch, iteration = self.pending[-1][:3]
         values = self.write_pending()
         self.show_progress(epoch, batch, iteration + 1, values[-1])
-        bad = next(((first + k, name) for k, v in enumerate(values) for name, x in zip(self.loss_names, v) if not np.isfinite(x)), None)
+        bad = next(((first + k, name) for k, v in enumerate(values) for name, x in zip(self.loss_names, v)
+                    if not np.isfinite(x)), None)
         if bad is not None:
             self.close()
             die(f"{bad[1]} is not finite at iteration {bad[0]}; stopping without saving these weights "
@@ -105,13 +108,15 @@ class TrainingLog:
                     self.writer.add_scalar("lr", lr, iteration)
             self.file.flush()
         except OSError as e:
-            die(write_failed(self.path, e, 1024, f"{self.model_dir}/last.pt is intact: free some space, then continue with --resume"))
+            die(write_failed(self.path, e, 1024,
+                             f"{self.model_dir}/last.pt is intact: free some space, then continue with --resume"))
         self.pending = []
         return values
 
     def show_progress(self, epoch, batch, done, losses):
         postfix = f"epoch {epoch} batch {batch} | " + " ".join(
-            f"{name.removeprefix('loss_').replace('identity', 'id')} {x:.4f}" for name, x in zip(self.loss_names[:5], losses))
+            f"{name.removeprefix('loss_').replace('identity', 'id')} {x:.4f}"
+            for name, x in zip(self.loss_names[:5], losses))
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix_str(postfix)
@@ -122,7 +127,8 @@ class TrainingLog:
         rate = (done - self.t0_done) / elapsed if done > self.t0_done and elapsed > 0 else None
         if self.writer is not None and rate:
             self.writer.add_scalar("iterations_per_s", rate, done - 1)
-        print(tqdm.format_meter(done, self.total, elapsed, rate=rate, unit="it", postfix=postfix, ascii=True), flush=True)
+        print(tqdm.format_meter(done, self.total, elapsed, rate=rate, unit="it", postfix=postfix, ascii=True),
+              flush=True)
 
     def remove_if_empty(self):
         self.close()
@@ -175,8 +181,9 @@ def build_evaluator(opt, data_root, device):
         dir_A, dir_B = split_dirs(data_root, "test")
     except FileNotFoundError as e:
         die(f"--eval_interval needs a test split: {e}")
-    return SimpleNamespace(module=evaluate, net=evaluate.load_inception(opt.inception, device), dir_A=dir_A, dir_B=dir_B,
-                           n=opt.eval_n if opt.eval_n > 0 else None, cache_dir=evaluate.default_cache_dir())
+    return SimpleNamespace(module=evaluate, net=evaluate.load_inception(opt.inception, device),
+                           dir_A=dir_A, dir_B=dir_B, n=opt.eval_n if opt.eval_n > 0 else None,
+                           cache_dir=evaluate.default_cache_dir())
 
 
 def evaluate_generators(evaluator, nets, device):
@@ -186,7 +193,8 @@ def evaluate_generators(evaluator, nets, device):
     ev = evaluator.module
     directions = {"G_AB": (evaluator.dir_A, evaluator.dir_B), "G_BA": (evaluator.dir_B, evaluator.dir_A)}
     # (the real test images' features are cached once, the translations' computed every time)
-    return {g: ev.evaluate_generator(nets[g], source, target, evaluator.net, device, evaluator.n, cache_dir=evaluator.cache_dir)
+    return {g: ev.evaluate_generator(nets[g], source, target, evaluator.net, device, evaluator.n,
+                                     cache_dir=evaluator.cache_dir)
             for g, (source, target) in directions.items() if g in nets}
 
 
@@ -201,13 +209,15 @@ def record_evaluation(results, epoch, iteration, nets, model_dir, best_fid, writ
             w = csv.writer(f)
             if new:
                 w.writerow(header)
-            w.writerow([epoch, iteration] + [f"{results[g][c]:.6g}" if c in results[g] else "" for g in results for c in EVAL_COLUMNS]
+            w.writerow([epoch, iteration] + [f"{results[g][c]:.6g}" if c in results[g] else ""
+                                             for g in results for c in EVAL_COLUMNS]
                        + [results["G_AB"]["n_fake"], f"{sum(r['seconds'] for r in results.values()):.1f}"])
     except OSError as e:
         die(write_failed(path, e, 1024, f"{model_dir}/last.pt is intact: free some space, then continue with --resume"))
     line = []
     for g, r in results.items():
-        line.append(f"{g} FID {r['fid']:.2f} (identity {r['fid_identity']:.2f}) KID {r['kid_mean']:.4f} +- {r['kid_std']:.4f}"
+        line.append(f"{g} FID {r['fid']:.2f} (identity {r['fid_identity']:.2f}) "
+                    f"KID {r['kid_mean']:.4f} +- {r['kid_std']:.4f}"
                     + (f" MAE {r['mae']:.4f}" if "mae" in r else ""))
         if r["fid"] < best_fid.get(g, float("inf")):
             best_fid[g] = r["fid"]
@@ -217,7 +227,8 @@ def record_evaluation(results, epoch, iteration, nets, model_dir, best_fid, writ
             for c in ("fid", "kid_mean", "fid_identity", "mae"):
                 if c in r:
                     writer.add_scalar(f"eval/{g}_{c}", r[c], iteration)
-    print(f"eval after epoch {epoch} ({results['G_AB']['n_fake']} test images per domain): " + " | ".join(line), flush=True)
+    print(f"eval after epoch {epoch} ({results['G_AB']['n_fake']} test images per domain): " + " | ".join(line),
+          flush=True)
 
 
 def keep_eval_rows_until(model_dir, epoch):
@@ -258,15 +269,18 @@ class ResultsPage:
     the run's arguments."""
 
     def __init__(self, folder, opt, n_batches, model_dir, algorithm="CycleGAN"):
-        self.folder, self.opt, self.n_batches, self.model_dir, self.algorithm = folder, opt, n_batches, model_dir, algorithm
+        self.folder, self.opt, self.n_batches = folder, opt, n_batches
+        self.model_dir, self.algorithm = model_dir, algorithm
         self.plotted = 0.0
 
     def update(self, replot=False):
         os.makedirs(self.folder, exist_ok=True)
         if replot or time.time() - self.plotted > 60:
             self.plotted = time.time()
-            self.plots = plot_curves(self.folder, os.path.join(self.model_dir, "log.csv"), os.path.join(self.model_dir, "eval.csv"))
-        grids = sorted((int(f[:-4]) for f in os.listdir(self.folder) if f.endswith(".png") and f[:-4].isdigit()), reverse=True)
+            self.plots = plot_curves(self.folder, os.path.join(self.model_dir, "log.csv"),
+                                     os.path.join(self.model_dir, "eval.csv"))
+        grids = sorted((int(f[:-4]) for f in os.listdir(self.folder) if f.endswith(".png") and f[:-4].isdigit()),
+                       reverse=True)
         e = html.escape
         parts = []
         if self.plots:
@@ -283,7 +297,8 @@ class ResultsPage:
         parts.append("<h2>Arguments</h2><table>" + "".join(f"<tr><td>--{e(k)}</td><td>{e(str(v))}</td></tr>"
                                                            for k, v in sorted(vars(self.opt).items())
                                                            if k != "budget_plans") + "</table>")
-        write_page(os.path.join(self.folder, "index.html"), f"{self.algorithm}: {self.opt.dataset_name}", "\n".join(parts))
+        write_page(os.path.join(self.folder, "index.html"), f"{self.algorithm}: {self.opt.dataset_name}",
+                   "\n".join(parts))
 
 
 def budget_plans_table(budget, plans):
@@ -310,14 +325,16 @@ def plot_curves(folder, log_csv, eval_csv):
     # columns, the generators' beside the discriminators' (loss_D_*, or loss_D alone), and where a
     # --budget was planned again (a dot at every replan: the iterations it planned; "steps": no average)
     figures = [(log_csv, "losses.png", "iteration", lambda names: [
-                   [(n, n, f"C{k}", "-") for k, n in enumerate(n for n in names if n.startswith("loss_") and not n.startswith("loss_D"))],
+                   [(n, n, f"C{k}", "-")
+                    for k, n in enumerate(n for n in names if n.startswith("loss_") and not n.startswith("loss_D"))],
                    [(n, n, f"C{k + 4}", "-")
                     for k, n in enumerate([n for n in names if n.startswith("loss_D_")] or ["loss_D"])],
                    [("replan", "iterations planned at each replan (--budget)", "C7", "steps")]]),
                (eval_csv, "fid.png", "epoch", lambda names: [
-                   [(f"{g}_fid", f"{g} FID", c, "-") for g, c in (("G_AB", "C0"), ("G_BA", "C1")) if f"{g}_fid" in names]
-                   + [(f"{g}_fid_identity", f"{g} identity baseline", c, "--") for g, c in (("G_AB", "C0"), ("G_BA", "C1"))
-                      if f"{g}_fid" in names]])]
+                   [(f"{g}_fid", f"{g} FID", c, "-") for g, c in (("G_AB", "C0"), ("G_BA", "C1"))
+                    if f"{g}_fid" in names]
+                   + [(f"{g}_fid_identity", f"{g} identity baseline", c, "--")
+                      for g, c in (("G_AB", "C0"), ("G_BA", "C1")) if f"{g}_fid" in names]])]
     written = []
     for csv_path, png, x_name, panels_of in figures:
         if not os.path.exists(csv_path):
@@ -340,7 +357,8 @@ def plot_curves(folder, log_csv, eval_csv):
                 k = max(1, len(y) // 200)  # a moving average, so thousands of noisy GAN losses read as a curve
                 if k > 1:
                     y = np.convolve(y, np.ones(k) / k, mode="valid")
-                ax.plot(x[len(x) - len(y):], y, style, color=colour, label=label, marker="o" if png == "fid.png" else None)
+                ax.plot(x[len(x) - len(y):], y, style, color=colour, label=label,
+                        marker="o" if png == "fid.png" else None)
             ax.set_xlabel(x_name)
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)

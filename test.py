@@ -36,7 +36,8 @@ from evaluate import pixel_errors, psnr
 from models import generator_channels, load_generator, to_image, to_tensor, translate
 from report import write_translations_page
 from tiling import NotEnoughTempSpace, peak_bytes, translate_tiled
-from utils import HelpFormatter, add_device_args, check_writable, choose_precision, die, pick_device, print_lines_as_they_come, write_atomic
+from utils import (HelpFormatter, add_device_args, check_writable, choose_precision, die, pick_device,
+                   print_lines_as_they_come, write_atomic)
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 ANIMATION_EXTENSIONS = (".gif", ".webp", ".png")  # translated frame by frame when they hold several frames (APNG)
@@ -54,14 +55,19 @@ def get_parser():
     p = argparse.ArgumentParser(description="Translate images, animations and videos with a CycleGAN generator.",
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", "--checkpoint_model", dest="checkpoint", required=True,
-                   help="generator weights: a G_AB_<epoch>.pth / G_BA_<epoch>.pth, an official latest_net_G.pth, or a last.pt with --generator")
+                   help="generator weights: a G_AB_<epoch>.pth / G_BA_<epoch>.pth, an official latest_net_G.pth, "
+                        "or a last.pt with --generator")
     p.add_argument("--image_path", required=True,
                    help="an image, a video, an animated GIF/WebP, a folder of them, or a glob pattern (quote it)")
     p.add_argument("--output_dir", default="images/outputs",
-                   help="where translations are written (PNG per image, MP4 per video, GIF/WebP per animation), with an index.html")
-    p.add_argument("--generator", choices=("G_AB", "G_BA"), default=None, help="which generator to use from a full-state last.pt")
-    p.add_argument("--img_height", type=int, default=None, help="resize inputs to this height (default: keep each image's size)")
-    p.add_argument("--img_width", type=int, default=None, help="resize inputs to this width (default: keep each image's size)")
+                   help="where translations are written (PNG per image, MP4 per video, GIF/WebP per animation), "
+                        "with an index.html")
+    p.add_argument("--generator", choices=("G_AB", "G_BA"), default=None,
+                   help="which generator to use from a full-state last.pt")
+    p.add_argument("--img_height", type=int, default=None,
+                   help="resize inputs to this height (default: keep each image's size)")
+    p.add_argument("--img_width", type=int, default=None,
+                   help="resize inputs to this width (default: keep each image's size)")
     p.add_argument("--side_by_side", action="store_true", help="write input | output side by side")
     p.add_argument("--reference_dir", default=None, help="folder of same-named ground-truth images: print MAE and PSNR")
     p.add_argument("--max_memory", default=None,
@@ -74,7 +80,8 @@ def get_parser():
     p.add_argument("--batch_size", type=int, default=4,
                    help="video and animation frames translated at once, at most: fewer where --max_memory holds fewer")
     p.add_argument("--max_megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
-                   help="refuse (skip) images larger than this: a small file can claim a size that would exhaust the memory")
+                   help="refuse (skip) images larger than this: a small file can claim a size "
+                        "that would exhaust the memory")
     add_device_args(p)
     return p
 
@@ -130,7 +137,8 @@ def main(argv=None):
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     paths = find_inputs(opt.image_path)
     if not paths:
-        die(f"--image_path {opt.image_path}: no image or video files there ({', '.join(IMG_EXTENSIONS + VIDEO_EXTENSIONS)})")
+        die(f"--image_path {opt.image_path}: no image or video files there "
+            f"({', '.join(IMG_EXTENSIONS + VIDEO_EXTENSIONS)})")
     stems, kinds = output_stems(paths), [input_kind(p) for p in paths]
     refuse_writing_over_inputs(paths, stems, kinds, opt)
     os.makedirs(opt.output_dir, exist_ok=True)
@@ -156,7 +164,8 @@ def main(argv=None):
     write_translations_page(opt.output_dir, rows, failed, opt.reference_dir)
     n_ok = len(rows)
     print(f"translated {n_ok} input{'s' if n_ok != 1 else ''} into {opt.output_dir} "
-          f"({1000 * (time.time() - t0) / max(1, n_ok):.0f} ms/input); results page {os.path.join(opt.output_dir, 'index.html')}")
+          f"({1000 * (time.time() - t0) / max(1, n_ok):.0f} ms/input); "
+          f"results page {os.path.join(opt.output_dir, 'index.html')}")
     if opt.reference_dir:
         if scores:
             s = np.array(scores)
@@ -164,9 +173,11 @@ def main(argv=None):
                   f"translation MAE {s[:, 0].mean():.4f} PSNR {psnr(s[:, 1].mean()):.2f} dB | "
                   f"identity baseline MAE {s[:, 2].mean():.4f} PSNR {psnr(s[:, 3].mean()):.2f} dB")
         else:
-            print(f"warning: no same-named images of matching size in {opt.reference_dir}; nothing scored", file=sys.stderr)
+            print(f"warning: no same-named images of matching size in {opt.reference_dir}; nothing scored",
+                  file=sys.stderr)
     if failed:
-        print(f"error: {len(failed)} of {len(paths)} inputs could not be translated: {', '.join(failed)}", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(paths)} inputs could not be translated: {', '.join(failed)}",
+              file=sys.stderr)
         sys.exit(1)
 
 
@@ -177,7 +188,8 @@ def find_inputs(image_path):
     wanted = IMG_EXTENSIONS + VIDEO_EXTENSIONS
     if os.path.isdir(image_path):
         videos = [os.path.join(image_path, f) for f in os.listdir(image_path)
-                  if not f.startswith(".") and f.lower().endswith(VIDEO_EXTENSIONS) and os.path.isfile(os.path.join(image_path, f))]
+                  if not f.startswith(".") and f.lower().endswith(VIDEO_EXTENSIONS)
+                  and os.path.isfile(os.path.join(image_path, f))]
         return sorted(list_images(image_path) + videos)
     if os.path.isfile(image_path):
         return [image_path]
@@ -228,13 +240,14 @@ def refuse_writing_over_inputs(paths, stems, kinds, opt):
     outputs = [os.path.join(opt.output_dir, "index.html")]
     for path, stem, kind in zip(paths, stems, kinds):
         outputs += [os.path.join(opt.output_dir, stem + output_ext(path, kind)),
-                    os.path.join(opt.output_dir, "inputs", stem + (".png" if kind == "image" else os.path.splitext(path)[1].lower())),
+                    os.path.join(opt.output_dir, "inputs",
+                                 stem + (".png" if kind == "image" else os.path.splitext(path)[1].lower())),
                     os.path.join(opt.output_dir, "references", stem + ".png")]
     inputs = {os.path.realpath(p): p for p in paths + (list_images(opt.reference_dir) if opt.reference_dir else [])}
     clash = next((o for o in outputs if os.path.realpath(o) in inputs), None)
     if clash is not None:
-        die(f"--output_dir {opt.output_dir}: writing {clash} would overwrite the input {inputs[os.path.realpath(clash)]}; "
-            f"choose another --output_dir")
+        die(f"--output_dir {opt.output_dir}: writing {clash} would overwrite the input "
+            f"{inputs[os.path.realpath(clash)]}; choose another --output_dir")
 
 
 class Unreadable(Exception):
@@ -246,7 +259,8 @@ def translate_image_file(G, path, stem, opt, channels):
     try:
         img = prepare(load_image(path, channels), opt)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise Unreadable(f"{e} Above --max_megapixels {opt.max_megapixels:g}: pass a larger one if you trust this file") from e
+        raise Unreadable(f"{e} Above --max_megapixels {opt.max_megapixels:g}: "
+                         f"pass a larger one if you trust this file") from e
     except Exception as e:
         raise Unreadable(f"{type(e).__name__}: {e}") from e
     _, rows = plan(G, channels, img.height, img.width, opt)
@@ -343,7 +357,8 @@ def score(path, img, out, reference_dir, channels):
         return None, None
     ref = load_image(refs[0], channels)
     if ref.size != out.size:
-        print(f"warning: {refs[0]} is {ref.size[0]}x{ref.size[1]}, the output {out.size[0]}x{out.size[1]}; not scored", file=sys.stderr)
+        print(f"warning: {refs[0]} is {ref.size[0]}x{ref.size[1]}, the output {out.size[0]}x{out.size[1]}; not scored",
+              file=sys.stderr)
         return None, ref
     return pixel_errors(ref, out, img), ref
 
@@ -404,7 +419,8 @@ def translate_video(G, path, f, opt, channels):
         rate = stream.average_rate or stream.guessed_rate or 25
         if src.streams.audio:
             print(f"note: {path} has an audio track; the translation is video only "
-                  f"(ffmpeg -i OUT.mp4 -i {path} -map 0:v -map 1:a -c copy WITH_AUDIO.mp4 adds it back)", file=sys.stderr)
+                  f"(ffmpeg -i OUT.mp4 -i {path} -map 0:v -map 1:a -c copy WITH_AUDIO.mp4 adds it back)",
+                  file=sys.stderr)
         frames = ((model_frame(prepare(frame.to_image(), opt), channels), None) for frame in decoded(src, stream))
         with av.open(f.name, "w", format="mp4") as dst:
             out = None

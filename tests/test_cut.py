@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 import cut
-from conftest import fp32, make_data, run_cli, start_cli
+from conftest import assert_bitwise_equal, fp32, load, make_data, run_cli, start_cli, wait_for_iteration
 from models import GeneratorResNet, PatchProjection, load_generator
-from test_resume import assert_bitwise_equal, load, wait_for_iteration
 
 TINY = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1", "--n_cpu", "0",
         "--seed", "3", "--sample_interval", "1000"]

@@ -142,7 +142,8 @@ def test_diffaugment_cutout_zeroes_one_square_of_half_the_size_at_most():
         assert torch.equal(y[k][:, ~zero], x[k][:, ~zero])  # the rest is untouched
         rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
         assert 0 < len(rows) <= 8 and 0 < len(cols) <= 8 and int(zero.sum()) == len(rows) * len(cols)  # one rectangle
-        assert (len(rows) == 8 or rows.min() == 0 or rows.max() == 15) and (len(cols) == 8 or cols.min() == 0 or cols.max() == 15)
+        assert ((len(rows) == 8 or rows.min() == 0 or rows.max() == 15)
+                and (len(cols) == 8 or cols.min() == 0 or cols.max() == 15))
 
 
 def test_diffaugment_color_is_the_papers_brightness_saturation_contrast():
@@ -203,8 +204,9 @@ def test_budget_schedule_warms_up_holds_and_decays_linearly_to_zero():
     assert seen == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("text, parsed", [("90s", ("seconds", 90)), ("45min", ("seconds", 2700)), ("1.5h", ("seconds", 5400)),
-                                          ("2m", ("seconds", 120)), ("5000", ("iterations", 5000))])
+@pytest.mark.parametrize("text, parsed", [("90s", ("seconds", 90)), ("45min", ("seconds", 2700)),
+                                          ("1.5h", ("seconds", 5400)), ("2m", ("seconds", 120)),
+                                          ("5000", ("iterations", 5000))])
 def test_budget_reads_times_and_iteration_counts(text, parsed):
     assert budget.parse_budget(text) == parsed
 
@@ -236,7 +238,8 @@ def test_an_iteration_budget_ends_mid_epoch_with_the_final_saves_and_the_lr_at_z
     models_dir = tmp_path / "saved_models" / "tiny"
     assert logged(models_dir) == list(range(7))
     last = load(models_dir / "last.pt")
-    assert (last["epoch"], last["batch"]) == (2, 0) and last["args"]["budget_iters"] == 7 and last["args"]["n_epochs"] == 2
+    assert ((last["epoch"], last["batch"]) == (2, 0) and last["args"]["budget_iters"] == 7
+            and last["args"]["n_epochs"] == 2)
     assert {f"{n}_2.pth" for n in ("G_AB", "G_BA", "D_A", "D_B")} <= set(os.listdir(models_dir))
     # the schedule stepped once per iteration: after 7 of 7 the rate has reached 0
     assert last["optimizer_G"]["param_groups"][0]["lr"] == pytest.approx(0.0)
@@ -289,7 +292,8 @@ def test_a_time_budget_is_planned_again_from_the_runs_own_speed(monkeypatch):
         planner.after(done, {"optimizer_G": scheduler}, None)
 
     def fits(more):
-        evaluations = math.ceil(math.ceil((100 + more) / 30) / 2) - 1  # every second epoch and after the last, less the one done
+        # every second epoch and after the last, less the one done
+        evaluations = math.ceil(math.ceil((100 + more) / 30) / 2) - 1
         return more * 0.05 + evaluations * 5.0 <= 40.0
     expected = 100 + max(more for more in range(2000) if fits(more))
     assert opt.budget_iters == expected and opt.n_epochs == math.ceil(expected / 30)

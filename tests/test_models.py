@@ -2,10 +2,10 @@
 grayscale padding fix, output shapes, the official generator and its checkpoints,
 weight initialisation and build_generator's error path.
 
-Each reference the networks are checked against is written here, independently of
-models.py: a literal re-statement of the seed's (tutorial's) generator and
-discriminator, and functional (torch.nn.functional) forwards of the official
-ResnetGenerator and of the paper's 70x70 PatchGAN that read weights by key.
+Each reference the networks are checked against is written independently of models.py:
+a literal re-statement of the seed's (tutorial's) generator and discriminator, and
+functional (torch.nn.functional) forwards of the official ResnetGenerator (in conftest.py,
+shared with test_translate.py) and of the paper's 70x70 PatchGAN that read weights by key.
 """
 import copy
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import official_reference_forward
 from models import (
     Discriminator,
     GeneratorResNet,
@@ -115,31 +116,6 @@ class SeedDiscriminator(nn.Module):
 
     def forward(self, img):
         return self.model(img)
-
-
-def official_reference_forward(sd, x):
-    """The official ResnetGenerator (instance norm, no dropout) written with
-    torch.nn.functional, reading the weights from `sd` by key."""
-
-    def conv(h, key, **kw):
-        return F.conv2d(h, sd[f"{key}.weight"], sd[f"{key}.bias"], **kw)
-
-    def norm_relu(h):
-        return F.relu(F.instance_norm(h, eps=1e-5))
-
-    n_blocks = len({k.split(".")[1] for k in sd if ".conv_block." in k})
-    h = norm_relu(conv(F.pad(x, (3, 3, 3, 3), mode="reflect"), "model.1"))
-    h = norm_relu(conv(h, "model.4", stride=2, padding=1))
-    h = norm_relu(conv(h, "model.7", stride=2, padding=1))
-    for i in range(10, 10 + n_blocks):
-        r = norm_relu(conv(F.pad(h, (1, 1, 1, 1), mode="reflect"), f"model.{i}.conv_block.1"))
-        r = F.instance_norm(conv(F.pad(r, (1, 1, 1, 1), mode="reflect"), f"model.{i}.conv_block.5"), eps=1e-5)
-        h = h + r
-    up = 10 + n_blocks
-    for key in (f"model.{up}", f"model.{up + 3}"):
-        h = F.conv_transpose2d(h, sd[f"{key}.weight"], sd[f"{key}.bias"], stride=2, padding=1, output_padding=1)
-        h = norm_relu(h)
-    return torch.tanh(conv(F.pad(h, (3, 3, 3, 3), mode="reflect"), f"model.{up + 7}"))
 
 
 def patchgan70_reference_forward(sd, x):

@@ -11,20 +11,19 @@ thread count in the runs that are compared)."""
 import csv
 import hashlib
 import importlib.util
-import math
 import os
 import random
 import resource
 import shutil
 import signal
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import fp32, make_data, run_cli, start_cli
+from conftest import (assert_bitwise_equal, fp32, load, logged_iterations, make_data, output, run_cli, start_cli,
+                      wait_for_iteration)
 from checkpoint import RESUME_HARMLESS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,62 +75,9 @@ def start(cwd, name, *args, env=ENV, **kwargs):
     return proc
 
 
-def output(cwd, name):
-    with open(os.path.join(cwd, name + ".out")) as f, open(os.path.join(cwd, name + ".err")) as g:
-        return f.read(), g.read()
-
-
-def logged_iterations(cwd):
-    """The iterations in log.csv, complete lines only (the run may be writing it)."""
-    path = os.path.join(cwd, "saved_models", "tiny", "log.csv")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = f.read().split("\n")[:-1]  # the last piece is "" or a partial line
-    return [int(line.split(",")[2]) for line in lines[1:]]
-
-
-def wait_for_iteration(proc, cwd, name, k, timeout=240):
-    """Return as soon as iteration k is in log.csv (the run is then in iteration k + 1)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before iteration {k}:\n{output(cwd, name)[1][-3000:]}")
-        its = logged_iterations(cwd)
-        if its and its[-1] >= k:
-            return
-        time.sleep(0.005)
-    proc.kill()
-    pytest.fail(f"iteration {k} not reached in {timeout} s")
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def position(state, batches_per_epoch=N_IMAGES):
     """Iterations done according to a last.pt."""
     return state["epoch"] * batches_per_epoch + state["batch"]
-
-
-def assert_bitwise_equal(a, b, where):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert (a.dtype, a.shape) == (b.dtype, b.shape), where
-        a, b = a.detach().contiguous().reshape(-1), b.detach().contiguous().reshape(-1)
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{where}: tensors differ"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
-        for k in a:
-            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def assert_same_final_state(run_dir, ref_dir, n_images=N_IMAGES, batch_size=1):
@@ -145,7 +91,8 @@ def assert_same_final_state(run_dir, ref_dir, n_images=N_IMAGES, batch_size=1):
     for f in pth:
         assert_bitwise_equal(load(os.path.join(mine, f)), load(os.path.join(ref, f)), f)
     a, b = load(os.path.join(mine, "last.pt")), load(os.path.join(ref, "last.pt"))
-    assert position(a, n_images // batch_size) == position(b, n_images // batch_size) == n_images // batch_size * N_EPOCHS
+    assert (position(a, n_images // batch_size) == position(b, n_images // batch_size)
+            == n_images // batch_size * N_EPOCHS)
     args_a, args_b = a.pop("args"), b.pop("args")
     assert {k: v for k, v in args_a.items() if k not in RESUME_HARMLESS} == \
            {k: v for k, v in args_b.items() if k not in RESUME_HARMLESS}
@@ -424,15 +371,16 @@ def test_resume_at_epoch_boundary_even_after_a_save_that_failed_midway(refs, tmp
 # -----------------------------------------------------------------------------
 # resume arguments
 
-def test_incompatible_resume_is_refused_listing_every_difference_and_harmless_changes_are_accepted(refs, tmp_path, main_in_process):
+def test_incompatible_resume_is_refused_listing_every_difference_and_harmless_changes_are_accepted(
+        refs, tmp_path, main_in_process):
     cwd = str(tmp_path)
     copy_data(refs[0], cwd)
     os.makedirs(os.path.join(cwd, "saved_models", "tiny"))
     last = os.path.join(cwd, "saved_models", "tiny", "last.pt")
     shutil.copy(os.path.join(refs[0], "saved_models", "tiny", "last.pt"), last)
 
-    code, _, err = main_in_process(cwd, "--dataset_name", "tiny", "--resume", "--n_residual_blocks", "2", "--img_height", "64",
-                                   "--lr", "0.001", "--seed", "8", "--n_cpu", "0")
+    code, _, err = main_in_process(cwd, "--dataset_name", "tiny", "--resume", "--n_residual_blocks", "2",
+                                   "--img_height", "64", "--lr", "0.001", "--seed", "8", "--n_cpu", "0")
     assert code == 2
     err = err.strip()
     assert len(err.splitlines()) == 1, err
@@ -565,7 +513,8 @@ class Payload:
         return os.makedirs, (self.marker,)
 
 
-def test_checkpoint_that_runs_code_is_refused_for_resume_and_epoch_and_its_payload_never_runs(tmp_path, main_in_process):
+def test_checkpoint_that_runs_code_is_refused_for_resume_and_epoch_and_its_payload_never_runs(
+        tmp_path, main_in_process):
     for how, name, args in (("resume", "last.pt", ["--dataset_name", "tiny", "--resume"]),
                             ("epoch", "G_AB_1.pth", [*BASE, "--n_cpu", "0", "--epoch", "1"])):
         cwd = str(tmp_path / how)

@@ -2,7 +2,7 @@
 against computations that do not use test.py (the generator called directly on an
 image whose size is already a multiple of 4; an odd-sized image against the crop of the
 translation of a larger image built with numpy's reflection; the official generator
-against test_models' functional forward), inputs (file, folder, glob, every image
+against conftest's functional forward), inputs (file, folder, glob, every image
 mode), checkpoints of every layout, device and precision flags, the results page, and
 the one-line errors for bad inputs. Tiny generators (one residual block) keep it fast;
 the CLI itself runs in a subprocess only where the exit code or a traceback is the point.
@@ -23,11 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "test.py")
 
 import conftest  # noqa: E402
-from conftest import fp32, make_generator, run_translate as run_main, translate_in_process  # noqa: E402
+from conftest import (fp32, make_generator, official_reference_forward,  # noqa: E402
+                      run_translate as run_main, translate_in_process)
 import models  # noqa: E402
 from datasets import load_image  # noqa: E402
 from models import Discriminator  # noqa: E402
-from test_models import official_reference_forward  # noqa: E402
 
 # The script is named test.py; import it by path so the stdlib `test` package is not picked up.
 tt = conftest.translate_script()
@@ -132,7 +132,8 @@ def test_single_jpeg_via_cli_writes_png_named_after_input_with_its_size_and_the_
 
 
 @pytest.mark.parametrize("size", [(5, 9), (50, 7), (13, 31), (37, 23)])
-def test_odd_size_output_is_the_crop_of_the_translation_of_the_image_reflected_to_a_multiple_of_4(g3, tmp_path, capsys, size):
+def test_odd_size_output_is_the_crop_of_the_translation_of_the_image_reflected_to_a_multiple_of_4(
+        g3, tmp_path, capsys, size):
     ckpt, G = g3
     w, h = size
     a = np.asarray(random_image(w, h, seed=3))
@@ -140,7 +141,8 @@ def test_odd_size_output_is_the_crop_of_the_translation_of_the_image_reflected_t
     (tmp_path / "in").mkdir()
     Image.fromarray(a).save(tmp_path / "in" / "odd.png")
     Image.fromarray(padded).save(tmp_path / "in" / "padded.png")
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", tmp_path / "in", "--output_dir", tmp_path / "out"], capsys)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", tmp_path / "in",
+                             "--output_dir", tmp_path / "out"], capsys)
     assert code == 0, err
     odd, big = Image.open(tmp_path / "out" / "odd.png"), Image.open(tmp_path / "out" / "padded.png")
     assert odd.size == size
@@ -158,7 +160,8 @@ def test_tiny_images_down_to_one_pixel_are_translated_at_their_own_size(g3, tmp_
     (tmp_path / "in").mkdir()
     for w, h in sizes:
         random_image(w, h, seed=w * 10 + h).save(tmp_path / "in" / f"t{w}x{h}.png")
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", tmp_path / "in", "--output_dir", tmp_path / "out"], capsys)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", tmp_path / "in",
+                             "--output_dir", tmp_path / "out"], capsys)
     assert code == 0, err
     for w, h in sizes:
         out = Image.open(tmp_path / "out" / f"t{w}x{h}.png")
@@ -181,7 +184,8 @@ def test_output_is_half_y_plus_one_rounded_not_min_max_stretched(tmp_path, capsy
         last.bias.copy_(torch.atanh(targets / 127.5 - 1))
     ckpt = save(G.state_dict(), tmp_path / "const.pth")
     random_image(21, 14).save(tmp_path / "in.png")
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", tmp_path / "in.png", "--output_dir", tmp_path / "out"], capsys)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", tmp_path / "in.png",
+                             "--output_dir", tmp_path / "out"], capsys)
     assert code == 0, err
     out = np.asarray(Image.open(tmp_path / "out" / "in.png"))
     assert out.shape == (14, 21, 3)
@@ -292,14 +296,16 @@ def test_checkpoint_model_is_an_alias_of_checkpoint(g3, tmp_path, capsys):
     random_image(11, 9).save(tmp_path / "in.png")
     code, _, err = run_main(["--checkpoint_model", ckpt, "--image_path", "in.png", "--output_dir", "out"], capsys)
     assert code == 0, err
-    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), expected_translation(G, load_image(tmp_path / "in.png")))
+    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"),
+                       expected_translation(G, load_image(tmp_path / "in.png")))
 
 
 def test_side_by_side_is_twice_as_wide_with_the_input_left_and_translation_right(g3, tmp_path, capsys):
     ckpt, G = g3
     img = random_image(37, 23, seed=5)
     img.save(tmp_path / "in.png")
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--side_by_side"], capsys)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out",
+                             "--side_by_side"], capsys)
     assert code == 0, err
     out = np.asarray(Image.open(tmp_path / "out" / "in.png"))
     assert out.shape == (23, 74, 3)
@@ -319,7 +325,8 @@ def test_img_height_and_width_resize_the_output_to_that_size(g3, tmp_path, capsy
 def test_amp_bf16_on_cpu_runs_in_bf16_and_stays_within_3_levels_of_fp32(g3, tmp_path, capsys, monkeypatch):
     ckpt, _ = g3
     random_image(37, 23, seed=7).save(tmp_path / "in.png")
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "fp32", "--device", "cpu"], capsys)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "fp32",
+                             "--device", "cpu"], capsys)
     assert code == 0, err
     dtypes = _generator_dtype(monkeypatch)
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "bf16", "--device", "cpu",
@@ -351,8 +358,8 @@ def test_amp_auto_is_the_default_and_translates_in_bf16_exactly_where_the_cpu_co
     ckpt, _ = g3
     random_image(12, 8).save(tmp_path / "in.png")
     dtypes = _generator_dtype(monkeypatch)
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--device", "cpu"], capsys,
-                            fp32_default=False)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--device", "cpu"],
+                            capsys, fp32_default=False)
     assert code == 0, err
     assert dtypes == [torch.bfloat16 if cpu_bf16 else torch.float32]
     assert "warning" not in err
@@ -374,7 +381,8 @@ def test_amp_bf16_warns_on_stderr_exactly_where_the_cpu_emulates_bf16(g3, tmp_pa
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is available here")
 def test_device_mps_where_there_is_none_is_a_one_line_error_naming_it(g3, tmp_path, capsys):
     random_image(9, 9).save(tmp_path / "in.png")
-    code, _, err = run_main(["--checkpoint", g3[0], "--image_path", "in.png", "--output_dir", "out", "--device", "mps"], capsys)
+    code, _, err = run_main(["--checkpoint", g3[0], "--image_path", "in.png", "--output_dir", "out",
+                             "--device", "mps"], capsys)
     assert code == 2 and len(err_lines(err)) == 1 and "mps" in err
     assert not (tmp_path / "out").exists()
 
@@ -382,7 +390,8 @@ def test_device_mps_where_there_is_none_is_a_one_line_error_naming_it(g3, tmp_pa
 def test_generator_flag_on_a_single_generator_file_is_noted_not_silently_ignored(g3, tmp_path, capsys):
     ckpt, G = g3
     random_image(12, 8).save(tmp_path / "in.png")
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--generator", "G_BA"], capsys)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out",
+                             "--generator", "G_BA"], capsys)
     assert code == 0, err
     lines = err_lines(err)
     assert len(lines) == 1 and "--generator G_BA" in lines[0] and "G_BA_1.pth" in lines[0] and "ignored" in lines[0]
@@ -393,7 +402,8 @@ def test_generator_flag_on_a_single_generator_file_is_noted_not_silently_ignored
 def test_amp_fp16_on_cpu_is_a_one_line_error(g3, tmp_path, capsys):
     ckpt, _ = g3
     random_image(9, 9).save(tmp_path / "in.png")
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--amp", "fp16"], capsys)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out",
+                             "--amp", "fp16"], capsys)
     assert code != 0 and len(err_lines(err)) == 1 and "fp16" in err
 
 
@@ -438,7 +448,8 @@ def _mode_files(d):
 
 
 MODE_FILES = ["L.png", "P.png", "P_transparent.png", "RGBA.png", "LA.png", "I16.png", "I32.tif", "F.tif", "CMYK.jpg",
-              "CMYK_t.tiff", "bilevel.png", "bilevel_b.bmp", "still.gif", "rgb_w.webp", "rgb_b.bmp", "rgb_t.tif", "rgb_p.ppm", "rotated.jpg"]
+              "CMYK_t.tiff", "bilevel.png", "bilevel_b.bmp", "still.gif", "rgb_w.webp", "rgb_b.bmp", "rgb_t.tif",
+              "rgb_p.ppm", "rotated.jpg"]
 
 
 @pytest.mark.parametrize("channels", [3, 1])
@@ -462,7 +473,8 @@ def modes_run(g3, g1, tmp_path_factory):
     results = {}
     for channels, (ckpt, _) in [(3, g3), (1, g1)]:
         out_dir = d / f"out{channels}"
-        code = translate_in_process(["--checkpoint", ckpt, "--image_path", d / "in", "--output_dir", out_dir, "--amp", "none"])
+        code = translate_in_process(["--checkpoint", ckpt, "--image_path", d / "in", "--output_dir", out_dir,
+                                     "--amp", "none"])
         results[channels] = (code, out_dir)
     return d / "in", sizes, results
 
@@ -501,7 +513,8 @@ def _official_release_state(G):
     return state
 
 
-def test_official_checkpoint_with_instancenorm_running_stats_translates_as_the_functional_official_forward(tmp_path, capsys):
+def test_official_checkpoint_with_instancenorm_running_stats_translates_as_the_functional_official_forward(
+        tmp_path, capsys):
     G = make_generator(3, seed=4, official=True)
     ckpt = save(_official_release_state(G), tmp_path / "latest_net_G.pth")
     img = random_image(36, 24)
@@ -514,14 +527,16 @@ def test_official_checkpoint_with_instancenorm_running_stats_translates_as_the_f
     assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), np.floor((np.clip(y, -1, 1) + 1) / 2 * 255 + 0.5))
 
 
-@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."])  # DataParallel/DDP, torch.compile, both
+# DataParallel/DDP, torch.compile, both
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."])
 def test_dataparallel_or_compiled_prefixed_checkpoint_loads(g3, tmp_path, capsys, prefix):
     _, G = g3
     ckpt = save({prefix + k: v for k, v in G.state_dict().items()}, tmp_path / "dp.pth")
     random_image(13, 9).save(tmp_path / "in.png")
     code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out"], capsys)
     assert code == 0, err
-    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), expected_translation(G, load_image(tmp_path / "in.png")))
+    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"),
+                       expected_translation(G, load_image(tmp_path / "in.png")))
 
 
 def test_checkpoint_saved_with_cuda_tensors_loads_on_cpu(g3, tmp_path, capsys):
@@ -539,15 +554,18 @@ def test_checkpoint_saved_with_cuda_tensors_loads_on_cpu(g3, tmp_path, capsys):
         with pytest.raises(RuntimeError):
             torch.load(ckpt, weights_only=True)
     random_image(13, 9).save(tmp_path / "in.png")
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--device", "cpu"], capsys)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out",
+                             "--device", "cpu"], capsys)
     assert code == 0, err
-    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), expected_translation(G, load_image(tmp_path / "in.png")))
+    assert_same_pixels(Image.open(tmp_path / "out" / "in.png"),
+                       expected_translation(G, load_image(tmp_path / "in.png")))
 
 
 @pytest.fixture
 def full_state(tmp_path):
     G_AB, G_BA = make_generator(3, seed=11), make_generator(3, seed=12)
-    state = {"G_AB": G_AB.state_dict(), "G_BA": G_BA.state_dict(), "epoch": 3, "batch": 0, "args": {"dataset_name": "x"}}
+    state = {"G_AB": G_AB.state_dict(), "G_BA": G_BA.state_dict(), "epoch": 3, "batch": 0,
+             "args": {"dataset_name": "x"}}
     return save(state, tmp_path / "last.pt"), G_AB, G_BA
 
 
@@ -565,10 +583,12 @@ def test_full_state_checkpoint_with_generator_flag_uses_that_generator(full_stat
     ckpt, G_AB, G_BA = full_state
     img = random_image(13, 9)
     img.save(tmp_path / "in.png")
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out", "--generator", which], capsys)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in.png", "--output_dir", "out",
+                             "--generator", which], capsys)
     assert code == 0, err
     chosen, other = (G_AB, G_BA) if which == "G_AB" else (G_BA, G_AB)
-    assert np.abs(expected_translation(chosen, img).astype(int) - expected_translation(other, img).astype(int)).mean() > 5  # distinguishable
+    assert np.abs(expected_translation(chosen, img).astype(int)
+                  - expected_translation(other, img).astype(int)).mean() > 5  # distinguishable
     assert_same_pixels(Image.open(tmp_path / "out" / "in.png"), expected_translation(chosen, img))
 
 
@@ -617,7 +637,8 @@ def test_truncated_checkpoint_is_a_one_line_error(g3, tmp_path, capsys):
     data = open(g3[0], "rb").read()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     random_image(9, 9).save(tmp_path / "in.png")
-    code, _, err = run_main(["--checkpoint", tmp_path / "cut.pth", "--image_path", "in.png", "--output_dir", "out"], capsys)
+    code, _, err = run_main(["--checkpoint", tmp_path / "cut.pth", "--image_path", "in.png",
+                             "--output_dir", "out"], capsys)
     assert code != 0
     assert len(err_lines(err)) == 1 and "cut.pth" in err
 
@@ -684,7 +705,8 @@ def test_reference_dir_scores_translation_and_identity_baseline_matching_by_stem
     Image.fromarray(refs["a"]).save(tmp_path / "ref" / "a.png")
     Image.fromarray(refs["b"]).save(tmp_path / "ref" / "b.bmp")
     random_image(13, 9, seed=24).save(tmp_path / "ref" / "zz.png")
-    code, out, err = run_main(["--checkpoint", ckpt, "--image_path", "in", "--output_dir", "out", "--reference_dir", "ref"], capsys)
+    code, out, err = run_main(["--checkpoint", ckpt, "--image_path", "in", "--output_dir", "out",
+                               "--reference_dir", "ref"], capsys)
     assert code == 0, err
     m = re.search(r"\((\d+) images?\): translation MAE ([\d.]+) .*identity baseline MAE ([\d.]+)", out)
     assert m, out
@@ -759,7 +781,8 @@ def test_results_page_with_reference_dir_shows_the_reference_and_each_images_sco
         random_image(12, 8, seed=seed).save(tmp_path / "in" / f"{stem}.png")
     ref = random_image(12, 8, seed=9)
     ref.save(tmp_path / "ref" / "a.png")  # b has no reference
-    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in", "--output_dir", "out", "--reference_dir", "ref"], capsys)
+    code, _, err = run_main(["--checkpoint", ckpt, "--image_path", "in", "--output_dir", "out",
+                             "--reference_dir", "ref"], capsys)
     assert code == 0, err
     page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     rows = PageLinks(page).media_rows()

@@ -172,7 +172,8 @@ def test_save_atomic_writes_a_loadable_file_and_replaces_the_old_one(tmp_path):
     assert os.listdir(path.parent) == ["model.pth"]
 
 
-@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), RuntimeError("unexpected pos"), KeyboardInterrupt()])
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), RuntimeError("unexpected pos"),
+                                 KeyboardInterrupt()])
 def test_save_atomic_failure_mid_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, exc, capsys):
     path = tmp_path / "model.pth"
     save_atomic({"w": torch.arange(3)}, path)
@@ -403,7 +404,8 @@ def test_amp_bf16_on_a_cpu_that_emulates_it_runs_bf16_with_a_one_line_warning():
     assert utils.pick_precision("none", CPU, cpu_flags=EPYC_BF16) == (None, None)
 
 
-@pytest.mark.parametrize("capability,expected", [((7, 0), None), ((7, 5), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+@pytest.mark.parametrize("capability,expected", [((7, 0), None), ((7, 5), None), ((8, 0), torch.bfloat16),
+                                                 ((9, 0), torch.bfloat16)])
 def test_amp_auto_on_cuda_follows_the_compute_capability(capability, expected):
     assert utils.pick_precision("auto", torch.device("cuda"), cuda_capability=capability) == (expected, None)
     assert utils.pick_precision("fp16", torch.device("cuda"), cuda_capability=capability) == (torch.float16, None)
@@ -431,7 +433,8 @@ CPU implementer\t: 0x41
 
 
 @pytest.mark.parametrize("text,name,flags", [
-    (X86_CPUINFO, "Intel(R) Xeon(R) Platinum 8480+", {"fpu", "sse4_2", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+    (X86_CPUINFO, "Intel(R) Xeon(R) Platinum 8480+",
+     {"fpu", "sse4_2", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
     (ARM_CPUINFO, None, {"fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "bf16"})])
 def test_cpu_info_reads_the_model_and_the_first_processors_flags(tmp_path, text, name, flags):
     (tmp_path / "cpuinfo").write_text(text)
@@ -453,7 +456,8 @@ def test_the_suite_fakes_the_hardware_report_so_auto_means_fp32_here(cpu_bf16):
 
 
 def test_first_line_is_the_messages_first_line_cut_to_the_limit_and_empty_for_no_message():
-    assert utils.first_line(RuntimeError("\n  size mismatch for model.1\n  more detail\n")) == "size mismatch for model.1"
+    assert (utils.first_line(RuntimeError("\n  size mismatch for model.1\n  more detail\n"))
+            == "size mismatch for model.1")
     assert utils.first_line(ValueError("x" * 500)) == "x" * 200
     assert utils.first_line(ValueError("x" * 500), 300) == "x" * 300
     assert utils.first_line(KeyError()) == ""
@@ -469,7 +473,8 @@ def test_every_computing_script_declares_the_same_device_and_precision_flags():
     from conftest import translate_script as load_translate_script
     translate_script = load_translate_script()
     for module, amp in ((cyclegan, "auto"), (translate_script, "auto"), (evaluate, "none")):
-        opt = module.get_parser().parse_args(["--checkpoint", "x", "--image_path", "y"] if module is translate_script else [])
+        opt = module.get_parser().parse_args(["--checkpoint", "x", "--image_path", "y"]
+                                             if module is translate_script else [])
         assert (opt.device, opt.amp) == ("auto", amp), module.__name__
         for value in ("auto", "none", "bf16", "fp16"):
             args = ["--checkpoint", "x", "--image_path", "y"] if module is translate_script else []

@@ -127,7 +127,8 @@ def test_video_with_audio_is_translated_with_a_note_that_audio_is_dropped(ckpt, 
             c.mux(a.encode(af))
         c.mux(v.encode(None))
         c.mux(a.encode(None))
-    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "talk.mp4", "--output_dir", tmp_path / "out"], capsys)
+    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "talk.mp4",
+                             "--output_dir", tmp_path / "out"], capsys)
     assert code == 0, err
     assert any("audio" in line and "talk.mp4" in line for line in err.splitlines())
     with av.open(str(tmp_path / "out" / "talk.mp4")) as c:
@@ -141,17 +142,20 @@ def test_unreadable_video_is_named_and_skipped_the_rest_translated(ckpt, tmp_pat
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
     Image.fromarray(random_frames(1, 12, 8)[0]).save(tmp_path / "in" / "still.png")
-    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in", "--output_dir", tmp_path / "out"], capsys)
+    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "in",
+                             "--output_dir", tmp_path / "out"], capsys)
     assert code == 1 and "Traceback" not in err
     assert sum("cannot read" in line and "broken.mp4" in line for line in err.splitlines()) == 1
-    assert sorted(f for f in os.listdir(tmp_path / "out") if not f.startswith(".")) == ["index.html", "inputs", "still.png"]
+    assert (sorted(f for f in os.listdir(tmp_path / "out") if not f.startswith("."))
+            == ["index.html", "inputs", "still.png"])
 
 
 def test_without_pyav_a_video_is_one_line_saying_pip_install_av(ckpt, tmp_path, capsys, monkeypatch):
     path, _ = ckpt
     (tmp_path / "clip.mp4").write_bytes(b"not needed: PyAV is looked for first")
     monkeypatch.setitem(sys.modules, "av", None)  # import av raises ImportError
-    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "clip.mp4", "--output_dir", tmp_path / "out"], capsys)
+    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "clip.mp4",
+                             "--output_dir", tmp_path / "out"], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "pip install av" in lines[0]
 
@@ -183,8 +187,8 @@ def test_animation_keeps_frame_count_size_durations_and_loop_and_translates_each
     frames[0].save(tmp_path / f"anim{ext}", save_all=True, append_images=frames[1:], duration=durations, **save_kw)
     inputs, in_durations, in_loop, _ = durations_and_loop(tmp_path / f"anim{ext}")
     assert in_durations == durations and in_loop == loop
-    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / f"anim{ext}", "--output_dir", tmp_path / "out",
-                             "--batch_size", 2], capsys)
+    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / f"anim{ext}",
+                             "--output_dir", tmp_path / "out", "--batch_size", 2], capsys)
     assert code == 0, err
     outputs, out_durations, out_loop, size = durations_and_loop(tmp_path / "out" / f"anim{ext}")
     assert (len(outputs), out_durations, out_loop, size) == (5, durations, loop, (30, 21))
@@ -200,7 +204,8 @@ def test_single_frame_gif_is_a_still_image(ckpt, tmp_path, capsys):
     path, G = ckpt
     a = random_frames(1, 16, 12)[0]
     Image.fromarray(a).save(tmp_path / "still.gif")
-    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "still.gif", "--output_dir", tmp_path / "out"], capsys)
+    code, _, err = run_main(["--checkpoint", path, "--image_path", tmp_path / "still.gif",
+                             "--output_dir", tmp_path / "out"], capsys)
     assert code == 0, err
     assert os.path.exists(tmp_path / "out" / "still.png") and not os.path.exists(tmp_path / "out" / "still.gif")
 
