@@ -391,3 +391,55 @@ def cpu_bf16(request, monkeypatch):
     native = request.param == "native_bf16"
     _fake_cpu(monkeypatch, NATIVE_BF16 if native else NO_NATIVE_BF16)
     return native
+
+# -----------------------------------------------------------------------------
+# What test.py promises for one image, computed here with numpy (test_translate*.py)
+
+def random_image(w, h, mode="RGB", seed=0):
+    import numpy as np
+    rng = np.random.RandomState(seed)
+    # smooth-ish content plus noise, so JPEG round trips keep some structure
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], -1)
+    a = np.clip(base + rng.randint(-40, 41, (h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(a)
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def G_direct(G, img):
+    """The generator called on the image as it is (its size must be a multiple of 4, so
+    no padding or cropping is involved), mapped to 8 bits with numpy: (y + 1) / 2 * 255,
+    rounded half up."""
+    import numpy as np
+    import torch
+    a = np.asarray(img, dtype=np.float64)
+    a = a[:, :, None] if a.ndim == 2 else a
+    assert a.shape[0] % 4 == 0 and a.shape[1] % 4 == 0, "G_direct needs a size that is a multiple of 4"
+    x = torch.from_numpy(a / 127.5 - 1.0).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        y = G(x)[0].permute(1, 2, 0).double().numpy()
+    out = np.floor((np.clip(y, -1, 1) + 1) / 2 * 255 + 0.5).astype(np.uint8)
+    return out[:, :, 0] if out.shape[2] == 1 else out
+
+
+def expected_translation(G, img):
+    """What test.py promises for any size: the generator on the image padded right and
+    bottom to a multiple of 4 (at least 8) by reflection (numpy's reflect = torch's;
+    replication for images too small to reflect), cropped back."""
+    import numpy as np
+    a = np.asarray(img)
+    h, w = a.shape[:2]
+    H, W = max(8, -(-h // 4) * 4), max(8, -(-w // 4) * 4)
+    pad = ((0, H - h), (0, W - w)) + (((0, 0),) if a.ndim == 3 else ())
+    padded = np.pad(a, pad, mode="reflect" if H - h < h and W - w < w else "edge")
+    return G_direct(G, Image.fromarray(padded))[:h, :w]
+
+
+def assert_same_pixels(out_img, expected):
+    import numpy as np
+    got = np.asarray(out_img).astype(int)
+    expected = np.asarray(expected).astype(int)
+    assert got.shape == expected.shape
+    diff = np.abs(got - expected)
+    assert diff.max() <= 1, f"max difference {diff.max()} levels"
+    assert (diff > 0).mean() < 0.01, f"{(diff > 0).mean():.1%} of the values differ"
