@@ -250,11 +250,11 @@ def test_an_iteration_budget_ends_mid_epoch_with_the_final_saves_and_the_lr_at_z
 
 
 def test_a_time_budget_is_turned_into_iterations_and_recorded(tmp_path):
-    """(20 s of the process's life, its import of PyTorch included, which takes seconds.)"""
+    """(40 s of the process's life, its import of PyTorch included, which takes seconds, more on a loaded machine.)"""
     make_data(tmp_path / "data" / "tiny", n_test=1)
-    r = run_cli(SCRIPT, *fp32([*TINY, "--budget", "20s", "--log_interval", "1"]), cwd=tmp_path)
+    r = run_cli(SCRIPT, *fp32([*TINY, "--budget", "40s", "--log_interval", "1"]), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "--budget 20s:" in r.stdout and "s per iteration" in r.stdout
+    assert "--budget 40s:" in r.stdout and "s per iteration" in r.stdout
     models_dir = tmp_path / "saved_models" / "tiny"
     last = load(models_dir / "last.pt")
     total, plans = last["args"]["budget_iters"], last["args"]["budget_plans"]
@@ -262,7 +262,7 @@ def test_a_time_budget_is_turned_into_iterations_and_recorded(tmp_path):
     # again from the run's own speed (log.csv has every replan; a line says so where the end moved by 1 % or more)
     assert total >= 1 and f"on this machine: {plans[0][1]} iterations (" in r.stdout
     assert f"for {total} iterations, {plans[0][1]} at the start; planned again {len(plans) - 1} times" in \
-        [line for line in r.stdout.splitlines() if line.startswith("--budget 20s: used ")][-1]
+        [line for line in r.stdout.splitlines() if line.startswith("--budget 40s: used ")][-1]
     assert logged(models_dir) == list(range(total)) and plans[-1][1] == total
     assert last["epoch"] * 4 + last["batch"] == 4 * last["args"]["n_epochs"]
     with open(models_dir / "log.csv") as f:

@@ -111,7 +111,7 @@ def test_a_held_run_folder_refuses_every_kind_of_start_names_the_holder_and_is_f
     before = folder_bytes(models, grids)
     # another process holds the folder, as a running cyclegan.py does
     hold = tiny / "hold.py"
-    hold.write_text("import sys\nsys.path.insert(0, sys.argv[1])\nimport utils\n"
+    hold.write_text("import sys\nsys.path.insert(0, sys.argv[1])\nimport checkpoint\n"
                     "lock = checkpoint.hold_run_folder('saved_models/tiny')\n"
                     "print('held', flush=True)\nsys.stdin.read()\n")
     holder = start_cli(hold, ROOT, cwd=tiny, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
