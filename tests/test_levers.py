@@ -19,16 +19,12 @@ import gan
 import models
 import training
 import utils
-from conftest import fp32, make_data, make_buffers, make_nets, make_opts, run_cli
+from conftest import fp32, load, make_data, make_buffers, make_nets, make_opts, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "cyclegan.py")
 TINY = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1", "--ngf", "8",
         "--n_cpu", "0", "--seed", "3", "--sample_interval", "1000"]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import fp32, run_cli, start_cli
+from conftest import fp32, load, run_cli, start_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -31,10 +31,6 @@ def run(cwd, *args, env=ENV, timeout=600):
 def make_builtin_data(cwd):
     from synthetic import make_day2night
     make_day2night(os.path.join(cwd, "data", "synthetic_day2night"), n_train=4, n_test=4, size=32, seed=1)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")

