@@ -226,7 +226,7 @@ def test_speckle_counts_only_pixels_flat_in_the_reference_and_the_cli_writes_bot
     write_icons(tmp_path / "b", 3, seed=1)  # the same images: a paired split where B = A
     paths = sorted(str(p) for p in (tmp_path / "a").iterdir())
     flat_identity = artefacts.speckle(torch.nn.Identity(), paths, str(tmp_path / "b"), 3, nullcontext())
-    assert max(flat_identity) < 1e-6  # the flat areas of a copy are flat (to float rounding)
+    assert max(flat_identity.values()) < 1e-6  # the flat areas of a copy are flat (to float rounding)
     # on images of one flat colour, a checkerboard of +-4 levels added by the 'generator' is
     # 4 levels from each pixel's 3x3 mean, which is 4/9 level the other way: 32/9 levels
     for name in ("flat_a", "flat_b"):
@@ -237,18 +237,54 @@ def test_speckle_counts_only_pixels_flat_in_the_reference_and_the_cli_writes_bot
     class Checkered(torch.nn.Module):
         def forward(self, x):
             return x + board.to(x.dtype) * 8 / 255  # 4 levels of [0, 255] in [-1, 1]
-    speckle, of_input = artefacts.speckle(Checkered(), [str(tmp_path / "flat_a" / "0.png")], str(tmp_path / "flat_b"),
-                                          3, nullcontext())
-    assert of_input < 1e-6 and abs(speckle - 32 / 9 / 255) < 1e-6
+    found = artefacts.speckle(Checkered(), [str(tmp_path / "flat_a" / "0.png")], str(tmp_path / "flat_b"),
+                              3, nullcontext())
+    assert found["speckle_input"] < 1e-6 and abs(found["speckle"] - 32 / 9 / 255) < 1e-6
+    assert abs(found["speckle_interior"] - 32 / 9 / 255) < 1e-6  # no edge: all of it is interior
     ckpt = tmp_path / "G.pth"
     torch.save(GeneratorResNet((3, 0, 0), 1, ngf=8).state_dict(), ckpt)
     artefacts.main(["--checkpoint", str(ckpt), "--image_path", str(tmp_path / "a"), "--reference_dir",
                     str(tmp_path / "b"), "--window", "16", "--frames", "3", "--margin", "2", "--json",
                     str(tmp_path / "r.json")])
     results = json.loads((tmp_path / "r.json").read_text())
-    assert set(results) == {"shimmer_1px", "shimmer_4px", "speckle", "speckle_input"}
+    assert set(results) == {"shimmer_1px", "shimmer_4px", "speckle", "speckle_input", "speckle_interior",
+                            "speckle_interior_input"}
     assert results["speckle_input"] < 1e-6 and all(v >= 0 for v in results.values())
     assert "shimmer, pan of 1 px per frame" in capsys.readouterr().out
+
+
+def test_interior_speckle_leaves_out_the_band_along_true_edges(tmp_path):
+    # a grey image with a black line down column 10 (in A and B): the flat pixels of the
+    # reference are those at least 2 columns from it (their 3x3 neighbourhood misses it), the
+    # interior those more than EDGE_BAND columns from the last column that is not flat: 1 + 3 + 1 = 5 or more
+    a = np.full((16, 24, 3), 200, np.uint8)  # (not white: +4 levels would clip)
+    a[:, 10] = 0
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name)
+        Image.fromarray(a).save(tmp_path / name / "0.png")
+    column = torch.arange(24)[None, :].expand(16, 24)
+    board = ((torch.arange(16)[:, None] + torch.arange(24)[None]) % 2 * 2 - 1).double()
+
+    class Checkered(torch.nn.Module):  # adds +-4 levels to the columns `near` marks
+        def __init__(self, near):
+            super().__init__()
+            self.near = near
+
+        def forward(self, x):
+            return x + (board * self.near).to(x.dtype) * 8 / 255
+    paths, ref = [str(tmp_path / "a" / "0.png")], str(tmp_path / "b")
+    # dots within 3 columns of the line reach no interior pixel's 3x3 neighbourhood (5 or more away)
+    near_edge = artefacts.speckle(Checkered(((column - 10).abs() <= 3).double()), paths, ref, 3, nullcontext())
+    assert near_edge["speckle"] > 0.3 / 255 and near_edge["speckle_interior"] < 1e-6
+    # dots everywhere: every interior pixel is 32/9 levels from its mean, as on a flat image
+    everywhere = artefacts.speckle(Checkered(torch.ones(16, 24).double()), paths, ref, 3, nullcontext())
+    assert abs(everywhere["speckle_interior"] - 32 / 9 / 255) < 1e-6
+    assert everywhere["speckle_input"] < 1e-6 and everywhere["speckle_interior_input"] < 1e-6
+    # which pixels are interior, counted directly: columns 5 or more from the line, of the (16-2) x (24-2) map
+    mask = artefacts.interior(artefacts.flat_mask((artefacts.to_tensor(Image.fromarray(a)) + 1) / 2))
+    cols = [j + 1 for j in range(22) if bool(mask[0, 0, :, j].all())]
+    assert cols == [j for j in range(1, 23) if abs(j - 10) >= 5]
+    assert not any(bool(mask[0, 0, :, j - 1].any()) for j in range(1, 23) if abs(j - 10) < 5)
 
 
 @pytest.mark.parametrize("argv, flag", [(["--steps", "1,x"], "--steps"), (["--window", "4"], "--window"),
