@@ -115,8 +115,10 @@ sigterm_resume() (  # SIGTERM once STOP_AFTER iterations are logged; then --resu
     in_dir "$WORK/sigterm" || exit 1
     total=$((LONG_EPOCHS * N_TRAIN))
     # (timeout is the background job, and passes the signal on; --foreground: to the run only, not
-    # again to its process group, since a second SIGTERM would make the run quit without saving)
-    timeout --foreground -k 10 "$(left)" "$PY" "$ROOT/cyclegan.py" "${TRAIN[@]}" --n_epochs "$LONG_EPOCHS" --amp "$AMP" >run1.log 2>&1 &
+    # again to its process group, since a second SIGTERM would make the run quit without saving;
+    # -k 120: once timeout has passed our SIGTERM on, it KILLs the run that long after, and on a
+    # loaded CPU finishing the batch, saving and exiting took over 10 s: exit 137, not 143)
+    timeout --foreground -k 120 "$(left)" "$PY" "$ROOT/cyclegan.py" "${TRAIN[@]}" --n_epochs "$LONG_EPOCHS" --amp "$AMP" >run1.log 2>&1 &
     pid=$!
     until [ "$(cat "$MODELS/log.csv" 2>/dev/null | wc -l)" -gt "$STOP_AFTER" ] || ! kill -0 $pid 2>/dev/null; do
         sleep 0.1
