@@ -121,8 +121,10 @@ def speckle(G, paths, reference_dir, channels, autocast, device="cpu"):
         out = to_levels(translate(G, x.to(device), autocast)).float().cpu() / 255
         flat = flat_mask((reference + 1) / 2)
         inside = interior(flat)
-        for k, (image, mask) in enumerate([(out, flat), ((x + 1) / 2, flat), (out, inside), ((x + 1) / 2, inside)]):
-            sums[k] += float(local_deviation(image)[mask].sum())
+        deviation_out, deviation_in = local_deviation(out), local_deviation((x + 1) / 2)
+        for k, (deviation, mask) in enumerate([(deviation_out, flat), (deviation_in, flat),
+                                               (deviation_out, inside), (deviation_in, inside)]):
+            sums[k] += float(deviation[mask].sum())
             counts[k] += int(mask.sum())
     means = [float(s / c) if c else float("nan") for s, c in zip(sums, counts)]
     return dict(zip(("speckle", "speckle_input", "speckle_interior", "speckle_interior_input"), means))
