@@ -153,8 +153,8 @@ def main(argv=None):
     if opt.reference_dir:
         results.update(speckle(G, paths, opt.reference_dir, channels, autocast, device))
         print(f"speckle in flat areas: {results['speckle']:.4f} (the inputs: {results['speckle_input']:.4f})")
-        print(f"speckle in their interior, more than {EDGE_BAND} px from the true edges: {results['speckle_interior']:.4f} "
-              f"(the inputs: {results['speckle_interior_input']:.4f})")
+        print(f"speckle in their interior, more than {EDGE_BAND} px from the true edges: "
+              f"{results['speckle_interior']:.4f} (the inputs: {results['speckle_interior_input']:.4f})")
     if opt.json:
         write_text_atomic(opt.json, json.dumps(results, indent=2) + "\n")
 
