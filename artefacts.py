@@ -48,6 +48,8 @@ def get_parser():
     p.add_argument("--frames", type=int, default=32, help="frames of each pan")
     p.add_argument("--steps", default="1,4", help="pixels the window moves per frame, one pan each (comma-separated)")
     p.add_argument("--margin", type=int, default=8, help="pixels left out at every border of a frame")
+    p.add_argument("--shift_average", action="store_true",
+                   help="measure the translations test.py --shift_average makes (the mean over the 16 grid shifts)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     # fp32 by default: a measurement should not change with the CPU it runs on
     add_device_args(p, amp_default="none")
@@ -67,14 +69,14 @@ def mosaic(paths, height, width, channels):
 
 
 @torch.no_grad()
-def shimmer(G, scene, window, frames, step, margin, autocast):
+def shimmer(G, scene, window, frames, step, margin, autocast, shift_average=False):
     """The mean |translation of frame k - translation of frame k-1, moved back by `step`|
     over the pan's frames, `margin` pixels inside the borders, in [0, 1]: frame k is the
     window x window crop of `scene` at column k * step."""
     previous, diffs = None, []
     for k in range(frames):
         frame = scene[..., :window, k * step:k * step + window]
-        out = to_levels(translate(G, frame, autocast)).float() / 255
+        out = to_levels(translate(G, frame, autocast, shift_average)).float() / 255
         if previous is not None:  # the content moved `step` columns left
             now = out[..., margin:window - margin, margin:window - margin - step]
             before = previous[..., margin:window - margin, margin + step:window - margin]
@@ -105,7 +107,7 @@ def interior(flat):
 
 
 @torch.no_grad()
-def speckle(G, paths, reference_dir, channels, autocast, device="cpu"):
+def speckle(G, paths, reference_dir, channels, autocast, device="cpu", shift_average=False):
     """The translations' speckle and the inputs', over all the pixels flat in the reference
     and over its interior alone: a dict of four means in [0, 1] (nan where no pixel counts)."""
     sums, counts = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
@@ -118,7 +120,7 @@ def speckle(G, paths, reference_dir, channels, autocast, device="cpu"):
         if reference.shape != x.shape:
             die(f"--reference_dir: {ref_path} is {reference.shape[3]}x{reference.shape[2]}, {path} is "
                 f"{x.shape[3]}x{x.shape[2]}; a paired split has images of the same size")
-        out = to_levels(translate(G, x.to(device), autocast)).float().cpu() / 255
+        out = to_levels(translate(G, x.to(device), autocast, shift_average)).float().cpu() / 255
         flat = flat_mask((reference + 1) / 2)
         inside = interior(flat)
         deviation_out, deviation_in = local_deviation(out), local_deviation((x + 1) / 2)
@@ -148,10 +150,11 @@ def main(argv=None):
     scene = mosaic(paths, opt.window, opt.window + (opt.frames - 1) * max(steps), channels).to(device)
     results = {}
     for step in steps:
-        results[f"shimmer_{step}px"] = shimmer(G, scene, opt.window, opt.frames, step, opt.margin, autocast)
+        results[f"shimmer_{step}px"] = shimmer(G, scene, opt.window, opt.frames, step, opt.margin, autocast,
+                                               opt.shift_average)
         print(f"shimmer, pan of {step} px per frame: {results[f'shimmer_{step}px']:.4f}")
     if opt.reference_dir:
-        results.update(speckle(G, paths, opt.reference_dir, channels, autocast, device))
+        results.update(speckle(G, paths, opt.reference_dir, channels, autocast, device, opt.shift_average))
         print(f"speckle in flat areas: {results['speckle']:.4f} (the inputs: {results['speckle_input']:.4f})")
         print(f"speckle in their interior, more than {EDGE_BAND} px from the true edges: "
               f"{results['speckle_interior']:.4f} (the inputs: {results['speckle_interior_input']:.4f})")

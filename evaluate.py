@@ -77,6 +77,8 @@ def get_parser():
     p.add_argument("--real", default=None, help="folder of real images (instead of --checkpoint)")
     p.add_argument("--fake", default=None, help="folder of generated images to compare with --real")
     p.add_argument("--n", type=int, default=None, help="use only the first N images of each folder (default: all)")
+    p.add_argument("--shift_average", action="store_true",
+                   help="score the translations test.py --shift_average writes (the mean over the 16 grid shifts)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--output_dir", default=None,
                    help="also write the translations here as PNGs (default: keep them in memory only)")
@@ -309,7 +311,7 @@ def scores(real, fake, prefix=""):
 # A generator on its test split (also called by cyclegan.py every --eval_interval epochs)
 
 def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullcontext(), batch_size=50, cache_dir=None,
-                       output_dir=None):
+                       output_dir=None, shift_average=False):
     """Translate the first n images of dir_src with G (each at its own size, as test.py) and
     score them against the first n of dir_tgt: fid, kid_mean, kid_std, the same for the
     untranslated inputs (fid_identity, ...), n_real, n_fake, and mae/psnr (+ _identity)
@@ -338,7 +340,7 @@ def evaluate_generator(G, dir_src, dir_tgt, net, device, n=None, autocast=nullco
             for k in range(i, min(i + batch_size, len(src))):
                 img = read_image(src[k], channels)
                 # exactly test.py's translation
-                out = to_image(translate(G, to_tensor(img).to(device, dtype), autocast))
+                out = to_image(translate(G, to_tensor(img).to(device, dtype), autocast, shift_average))
                 batch.append(np.asarray(out))
                 if output_dir:  # a.jpg and a.png both in the folder: keep the extension in the name
                     write_atomic(os.path.join(output_dir, out_names[k]), lambda f: out.save(f, format="PNG"))
@@ -479,7 +481,7 @@ def main(argv=None):
         G = G.to(device, dtype or torch.float32)
         net = load_inception(opt.inception, device)
         results = evaluate_generator(G, dir_src, dir_tgt, net, device, opt.n, nullcontext(), opt.batch_size, cache_dir,
-                                     opt.output_dir)
+                                     opt.output_dir, opt.shift_average)
         arrow = "A->B" if direction == "AtoB" else "B->A"
         print(f"{opt.checkpoint} ({arrow}): {results['n_fake']} images of {dir_src} translated, "
               f"compared with {results['n_real']} of {dir_tgt} "

@@ -637,10 +637,26 @@ def padding_to_multiple_of_4(h, w):
     return pad((0, W - w, 0, H - h))
 
 
+# Every offset of the generator's 4-px grid: its two stride-2 layers tie the output to where
+# the content sits modulo 4 px, so that a video panning by 1 px a frame shimmers.
+GRID_SHIFTS = [(dy, dx) for dy in range(4) for dx in range(4)]
+
+
 @torch.no_grad()
-def translate(G, x, autocast=nullcontext()):
+def translate(G, x, autocast=nullcontext(), shift_average=False):
     """G(x) at x's exact size (x in [-1, 1], N x C x H x W): pad to a multiple of 4,
-    translate, crop back. (tiling.translate_tiled does the same in bounded memory.)"""
+    translate, crop back. (tiling.translate_tiled does the same in bounded memory.)
+    shift_average: the mean over GRID_SHIFTS of x rolled by the shift, translated and
+    rolled back, in 16x the time: then content moved by any whole number of pixels, away
+    from the borders, moves the output with it (without it, only moves by multiples of 4 do)."""
+    if shift_average:
+        # rolled, not padded: a generator trained at one size changes its output when the
+        # frame grows, while a roll keeps the size and wraps at most 3 px of the far border
+        total = 0
+        for dy, dx in GRID_SHIFTS:
+            y = translate(G, torch.roll(x, (dy, dx), (2, 3)), autocast)
+            total = total + torch.roll(y, (-dy, -dx), (2, 3))
+        return total / len(GRID_SHIFTS)
     h, w = x.shape[-2:]
     pad = padding_to_multiple_of_4(h, w)
     xp = pad(x) if any(pad.padding) else x

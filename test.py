@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from datasets import IMG_EXTENSIONS, composite_on_white, list_images, load_image
 from evaluate import pixel_errors, psnr
-from models import generator_channels, load_generator, to_image, to_tensor, translate
+from models import GRID_SHIFTS, generator_channels, load_generator, to_image, to_tensor, translate
 from report import write_translations_page
 from tiling import NotEnoughTempSpace, peak_bytes, translate_tiled
 from utils import (HelpFormatter, add_device_args, check_writable, choose_precision, die, pick_device,
@@ -79,6 +79,9 @@ def get_parser():
                         "0: never; default: what does not fit --max_memory in one piece, in the largest strips that do")
     p.add_argument("--batch_size", type=int, default=4,
                    help="video and animation frames translated at once, at most: fewer where --max_memory holds fewer")
+    p.add_argument("--shift_average", action="store_true",
+                   help="translate each input at the 16 offsets of the generator's 4-px grid and average: a video "
+                        "that pans no longer shimmers, in 16x the time; stills come out softer (docs/quality.md)")
     p.add_argument("--max_megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                    help="refuse (skip) images larger than this: a small file can claim a size "
                         "that would exhaust the memory")
@@ -265,7 +268,7 @@ def translate_image_file(G, path, stem, opt, channels):
         raise Unreadable(f"{type(e).__name__}: {e}") from e
     _, rows = plan(G, channels, img.height, img.width, opt)
     plan_note(path, img.width, img.height, 1, rows, opt)
-    out = translate_one(G, img, rows)
+    out = translate_one(G, img, rows, opt.shift_average)
     save_png(side_by_side(img, out) if opt.side_by_side else out, os.path.join(opt.output_dir, stem + ".png"))
     row = {"kind": "image", "output": stem + ".png", "input": save_page_input(img, stem, opt.output_dir)}
     s = None
@@ -282,11 +285,16 @@ def prepare(img, opt):
     return img.resize((opt.img_width, opt.img_height), Image.BICUBIC) if opt.img_height is not None else img
 
 
-def memory_needed(G, channels, h, w, rows=None):
+def memory_needed(G, channels, h, w, rows=None, shift_average=False):
     """Bytes that translating one h x w input takes at once, in one piece (rows None) or in
     strips: the network's tensors (tiling.peak_bytes) and the frame in flight besides (8-bit in
-    and out, float in and out, and the batch's copy of its input)."""
-    return peak_bytes(G, (channels, h, w), rows) + (channels + generator_channels(G)[1]) * h * w * 9
+    and out, float in and out, and the batch's copy of its input); --shift_average adds the
+    rolled input and the sum and rolled output in float, or in strips a 16-bit sum."""
+    out_channels = generator_channels(G)[1]
+    extra = 0
+    if shift_average:
+        extra = (channels + 2 * out_channels) * h * w * 4 if rows is None else (channels + 3 * out_channels) * h * w
+    return peak_bytes(G, (channels, h, w), rows) + (channels + out_channels) * h * w * 9 + extra
 
 
 def plan(G, channels, h, w, opt):
@@ -296,13 +304,14 @@ def plan(G, channels, h, w, opt):
     strips that fit. --tile N asks for strips of about N x N pixels, --tile 0 for one piece."""
     if opt.tile:
         return 1, max(1, math.ceil(opt.tile**2 / w))
-    whole = memory_needed(G, channels, h, w)
+    whole = memory_needed(G, channels, h, w, shift_average=opt.shift_average)
     if opt.tile == 0 or whole <= opt.max_memory:
         return max(1, min(opt.batch_size, opt.max_memory // whole)), None
     lo, hi = 1, h  # the largest strips that fit, by bisection (the need grows with the rows)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if memory_needed(G, channels, h, w, mid) <= opt.max_memory else (lo, mid - 1)
+        fits = memory_needed(G, channels, h, w, mid, opt.shift_average) <= opt.max_memory
+        lo, hi = (mid, hi) if fits else (lo, mid - 1)
     return 1, lo
 
 
@@ -318,15 +327,21 @@ def plan_note(path, w, h, batch, rows, opt, frames=False):
                    f"--batch_size {opt.batch_size}, to stay within {bound}", file=sys.stderr)
 
 
-def translate_one(G, img, rows):
+def translate_one(G, img, rows, shift_average=False):
     """The translation of one PIL image (already in the model's channels and size), in one
-    piece (rows None) or in strips of `rows` rows."""
+    piece (rows None) or in strips of `rows` rows; averaged over the grid's shifts if asked."""
     p = next(G.parameters())
     if rows is None:
-        return to_image(translate(G, to_tensor(img).to(p.device, p.dtype)))
+        return to_image(translate(G, to_tensor(img).to(p.device, p.dtype), shift_average=shift_average))
     levels = torch.from_numpy(np.array(img))  # in strips: the image stays 8-bit, 1 byte a value
-    levels = levels[None, None] if levels.ndim == 2 else levels.permute(2, 0, 1)[None]
-    return to_image(translate_tiled(G, levels.to(p.device), rows))
+    levels = (levels[None, None] if levels.ndim == 2 else levels.permute(2, 0, 1)[None]).to(p.device)
+    if not shift_average:
+        return to_image(translate_tiled(G, levels, rows))
+    total = 0  # as translate(shift_average=True) does, on 8-bit outputs summed in 16 bits
+    for dy, dx in GRID_SHIFTS:
+        y = translate_tiled(G, torch.roll(levels, (dy, dx), (2, 3)), rows)
+        total = total + torch.roll(y, (-dy, -dx), (2, 3)).short()
+    return to_image(((total + len(GRID_SHIFTS) // 2) // len(GRID_SHIFTS)).byte())
 
 
 def save_png(img, path):
@@ -497,30 +512,31 @@ def translate_stream(G, frames, opt, channels, path):
     batch, size, batch_size, rows = [], None, 1, None
     for frame, extra in frames:
         if frame.size != size:  # the first frame, or a video that changes size: plan for it
-            yield from translate_batch(G, batch, rows, opt.side_by_side)
+            yield from translate_batch(G, batch, rows, opt)
             batch, size = [], frame.size
             batch_size, rows = plan(G, channels, frame.height, frame.width, opt)
             plan_note(path, frame.width, frame.height, batch_size, rows, opt, frames=True)
         batch.append((frame, extra))
         if len(batch) == batch_size:
-            yield from translate_batch(G, batch, rows, opt.side_by_side)
+            yield from translate_batch(G, batch, rows, opt)
             batch = []
-    yield from translate_batch(G, batch, rows, opt.side_by_side)
+    yield from translate_batch(G, batch, rows, opt)
 
 
-def translate_batch(G, batch, rows, side):
+def translate_batch(G, batch, rows, opt):
     """(frame, translation, extra) for a batch of (frame, extra): all at once in one piece, or
     one by one in strips of `rows` rows."""
     if not batch:
         return
     if rows is not None:
-        outs = [translate_one(G, frame, rows) for frame, _ in batch]
+        outs = [translate_one(G, frame, rows, opt.shift_average) for frame, _ in batch]
     else:
         p = next(G.parameters())
-        y = translate(G, torch.cat([to_tensor(frame) for frame, _ in batch]).to(p.device, p.dtype))
+        y = translate(G, torch.cat([to_tensor(frame) for frame, _ in batch]).to(p.device, p.dtype),
+                      shift_average=opt.shift_average)
         outs = [to_image(y[i:i + 1]) for i in range(len(batch))]
     for (frame, extra), out in zip(batch, outs):
-        yield frame, (side_by_side(frame, out) if side else out), extra
+        yield frame, (side_by_side(frame, out) if opt.side_by_side else out), extra
 
 
 # Animation writers: Pillow's save_all holds every frame until it writes (GIF and PNG, to

@@ -1,8 +1,10 @@
 """Anti-aliased generators (--antialias, --antialias_up; issue 36): the blur layers against a
 direct computation written here in numpy, the shift equivariance that the layout keeps, the
 official CUT's tapped layers, both kinds trained, saved, loaded back and translated by
-test.py (whole and in strips), a resume or --epoch of another kind refused in one line, and
-artefacts.py's two measures on inputs whose answer is known."""
+test.py (whole and in strips), a resume or --epoch of another kind refused in one line,
+artefacts.py's two measures on inputs whose answer is known, and --shift_average (the mean
+over the grid's 16 shifts) against a direct computation and the equivariance it brings."""
+import argparse
 import json
 from contextlib import nullcontext
 import math
@@ -14,7 +16,7 @@ import torch
 from PIL import Image
 
 import artefacts
-from conftest import fp32, make_data, run_cli, run_translate
+from conftest import fp32, make_data, run_cli, run_translate, translate_script
 from models import (BlurDownsample, BlurUpsample, GeneratorResNet, ResidualBlock, generator_kind, load_generator,
                     to_image, to_tensor, translate)
 
@@ -106,6 +108,32 @@ def test_content_shifted_by_the_total_stride_gives_the_same_output_shifted_away_
     torch.testing.assert_close(y_shifted[..., 30 + 4:90 + 4, 30 - 4:90 - 4], y[..., 30:90, 30:90], rtol=0, atol=1e-9)
 
 
+def rolled_mean(G, x):
+    """The mean over the 16 offsets (dy, dx) in [0, 4)^2 of G(x rolled by the offset), rolled
+    back: what --shift_average should give, written out here with G called directly."""
+    outs = [torch.roll(G(torch.roll(x, (dy, dx), (2, 3))), (-dy, -dx), (2, 3)) for dy in range(4) for dx in range(4)]
+    return torch.stack(outs).mean(0)
+
+
+@pytest.mark.parametrize("antialias, antialias_up", [(False, False), (True, True)])
+def test_shift_average_moves_the_output_with_content_shifted_by_any_whole_number_of_pixels(antialias, antialias_up):
+    # as above, content on a flat background far from the borders; now shifted by 1 px down
+    # and 3 px left, which the generator's grid of 4 does not follow, and its shift average does
+    g = torch.Generator().manual_seed(2)
+    frame = torch.full((1, 3, 128, 128), 0.6, dtype=torch.float64)
+    shifted = frame.clone()
+    content = torch.rand(1, 3, 20, 20, dtype=torch.float64, generator=g) * 2 - 1
+    frame[..., 52:72, 52:72] = content
+    shifted[..., 53:73, 49:69] = content
+    G = tiny_generator(antialias, antialias_up)
+    plain, plain_shifted = translate(G, frame), translate(G, shifted)
+    assert (plain_shifted[..., 31:91, 27:87] - plain[..., 30:90, 30:90]).abs().max() > 1e-3
+    y, y_shifted = translate(G, frame, shift_average=True), translate(G, shifted, shift_average=True)
+    torch.testing.assert_close(y_shifted[..., 31:91, 27:87], y[..., 30:90, 30:90], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(y, rolled_mean(G, frame).float(), rtol=0, atol=1e-5)
+
+
 def test_the_antialiased_generator_taps_the_official_cut_layers_0_4_8_12_16():
     # the official ResnetGenerator with anti-aliasing: pad, conv, norm, relu; (conv, norm,
     # relu, downsample) twice; the blocks. Its taps are the padded input, both downsampling
@@ -177,6 +205,29 @@ def test_both_kinds_train_save_keys_that_load_back_exactly_and_translate_any_siz
         assert np.abs(got - want).max() <= 1
 
 
+def test_test_py_shift_average_writes_the_mean_of_the_16_rolled_translations_whole_and_in_strips(
+        trained, tmp_path, capsys):
+    ckpt, _ = trained["cut.py"]
+    G = load_generator(str(ckpt))
+    # a size that is a multiple of 4, as rolled_mean calls G directly
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 20, 3), dtype=np.uint8))
+    img.save(tmp_path / "img.png")
+    with torch.no_grad():
+        want = np.asarray(to_image(rolled_mean(G, to_tensor(img))), dtype=int)
+    plain = np.asarray(to_image(translate(G, to_tensor(img))), dtype=int)
+    assert np.abs(plain - want).max() > 4  # the average is not the plain translation
+    for flags, out in [([], "whole"), (["--tile", "12"], "strips")]:
+        code, _, err = run_translate(["--checkpoint", ckpt, "--image_path", tmp_path / "img.png", "--shift_average",
+                                      "--output_dir", tmp_path / out, *flags], capsys)
+        assert code == 0, err
+        got = np.asarray(Image.open(tmp_path / out / "img.png"), dtype=int)
+        assert got.shape == (28, 20, 3) and np.abs(got - want).max() <= 1, out
+    # video and animation frames go through translate_batch
+    opt = argparse.Namespace(shift_average=True, side_by_side=False)
+    (_, frame_out, _), = translate_script().translate_batch(G, [(img, None)], None, opt)
+    assert np.abs(np.asarray(frame_out, dtype=int) - want).max() <= 1
+
+
 def test_resume_and_epoch_of_another_generator_kind_are_refused_in_one_line(trained, main_in_process):
     root = trained["cyclegan.py"][0].parents[2]  # the run trained with --antialias, --no-antialias_up
     code, _, err = main_in_process(root, *fp32(TINY[:-2]), "--n_epochs", "2", "--epoch", "1", "--no-antialias")
@@ -219,6 +270,17 @@ def test_shimmer_of_the_identity_is_zero_and_of_a_grid_bound_output_is_what_a_di
     direct = np.mean([(outs[k][..., 2:30, 2:29] - outs[k - 1][..., 2:30, 3:30]).abs().mean().item()
                       for k in range(1, 8)])
     assert one > 0.01 and abs(one - direct) < 1e-6
+
+
+def test_shimmer_of_a_grid_bound_output_vanishes_under_shift_average(tmp_path):
+    # the 2x2 block average above, averaged over the 16 shifts, no longer depends on where the
+    # content sits: a 1-px pan only moves it (wrapped border pixels fall in the margin)
+    write_icons(tmp_path / "a", 5, seed=0)
+    paths = sorted(str(p) for p in (tmp_path / "a").iterdir())
+    scene = artefacts.mosaic(paths, 32, 32 + 7, 3)
+    pool = torch.nn.Sequential(torch.nn.AvgPool2d(2), torch.nn.Upsample(scale_factor=2))
+    assert artefacts.shimmer(pool, scene, 32, 8, 1, 4, nullcontext()) > 0.01
+    assert artefacts.shimmer(pool, scene, 32, 8, 1, 4, nullcontext(), shift_average=True) < 1e-3
 
 
 def test_speckle_counts_only_pixels_flat_in_the_reference_and_the_cli_writes_both_measures(tmp_path, capsys):

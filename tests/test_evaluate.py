@@ -294,6 +294,25 @@ def test_feature_cache_is_reused_and_keyed_by_the_files_and_n(net, tmp_path):
     assert not cached and np.abs(changed[0] - first[0]).max() > 0.1 and np.allclose(changed[1:], first[1:], atol=1e-5)
 
 
+def test_evaluate_generator_with_shift_average_scores_the_mean_of_the_16_rolled_translations(net, data, tmp_path):
+    torch.manual_seed(0)
+    G = GeneratorResNet((3, 0, 0), 1).eval()
+    r = ev.evaluate_generator(G, str(data / "testA"), str(data / "testB"), net, torch.device("cpu"), n=2,
+                              output_dir=str(tmp_path), shift_average=True)
+    for i in range(2):
+        x = torch.from_numpy(np.asarray(Image.open(data / "testA" / f"{i:03d}.png"), dtype=np.float32))
+        x = x.permute(2, 0, 1)[None] / 127.5 - 1
+        with torch.no_grad():  # written out here: G on x rolled by each offset of a 4 x 4 grid, rolled back
+            mean = torch.stack([torch.roll(G(torch.roll(x, (dy, dx), (2, 3))), (-dy, -dx), (2, 3))
+                                for dy in range(4) for dx in range(4)]).mean(0)
+        want = ((mean.clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0).numpy()
+        got = np.asarray(Image.open(tmp_path / f"{i:03d}.png"), dtype=np.float64)
+        assert np.abs(got - want).max() <= 1
+    b = [np.asarray(Image.open(data / "testB" / f"{i:03d}.png"), dtype=np.float64) for i in range(2)]
+    got = [np.asarray(Image.open(tmp_path / f"{i:03d}.png"), dtype=np.float64) for i in range(2)]
+    assert r["mae"] == pytest.approx(np.mean([np.abs(x - y).mean() / 255 for x, y in zip(got, b)]), rel=1e-6)
+
+
 def test_evaluate_generator_translates_in_eval_mode_and_restores_training_mode(net, data):
     torch.manual_seed(0)
     G = GeneratorResNet((3, 0, 0), 1).train()

@@ -236,8 +236,8 @@ def test_images_that_do_not_fit_max_memory_go_in_the_largest_strips_that_do_with
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
-def opts(max_memory, tile=None, batch_size=4):
-    return argparse.Namespace(max_memory=int(max_memory), tile=tile, batch_size=batch_size)
+def opts(max_memory, tile=None, batch_size=4, shift_average=False):
+    return argparse.Namespace(max_memory=int(max_memory), tile=tile, batch_size=batch_size, shift_average=shift_average)
 
 
 def test_plan_takes_as_many_frames_as_batch_size_asks_and_max_memory_holds_and_strips_for_a_frame_that_does_not_fit():

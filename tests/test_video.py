@@ -341,7 +341,8 @@ def test_frames_stay_within_a_max_memory_that_batch_size_12_would_exceed_several
     inputs = random_frames(12, 40, 32, seed=6)
     write_animation(tmp_path / "clip.webp", inputs, loop=0)
     budget = int(fraction * tt.memory_needed(G, 3, 32, 40))  # what one frame takes in one piece, times fraction
-    batch, rows = tt.plan(G, 3, 32, 40, argparse.Namespace(max_memory=budget, tile=None, batch_size=12))
+    batch, rows = tt.plan(G, 3, 32, 40, argparse.Namespace(max_memory=budget, tile=None, batch_size=12,
+                                                              shift_average=False))
     assert (batch, rows is not None) == {"one frame at a time": (1, False), "in strips": (1, True)}[plan]
     assert batch * tt.memory_needed(G, 3, 32, 40, rows) <= budget  # the plan's own count
     peaks, (bounded, default) = bounded_and_unbounded_runs(G, path, tmp_path / "clip.webp", tmp_path, capsys,
