@@ -10,6 +10,7 @@ conversion, as the models see it).
 import math
 import sys
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -642,6 +643,19 @@ def padding_to_multiple_of_4(h, w):
 GRID_SHIFTS = [(dy, dx) for dy in range(4) for dx in range(4)]
 
 
+def grid_shift_average(translate_fn, x):
+    """The mean over GRID_SHIFTS of translate_fn(x rolled by the shift), rolled back. 8-bit
+    outputs (the strip path's) are summed in 16 bits and the mean rounded: 2 bytes a value."""
+    # rolled, not padded: a generator trained at one size changes its output when the frame
+    # grows, while a roll keeps the size and wraps at most 3 px of the far border
+    total = 0
+    for dy, dx in GRID_SHIFTS:
+        y = torch.roll(translate_fn(torch.roll(x, (dy, dx), (2, 3))), (-dy, -dx), (2, 3))
+        total = total + (y.short() if y.dtype == torch.uint8 else y)
+    n = len(GRID_SHIFTS)
+    return ((total + n // 2) // n).byte() if y.dtype == torch.uint8 else total / n
+
+
 @torch.no_grad()
 def translate(G, x, autocast=nullcontext(), shift_average=False):
     """G(x) at x's exact size (x in [-1, 1], N x C x H x W): pad to a multiple of 4,
@@ -650,13 +664,7 @@ def translate(G, x, autocast=nullcontext(), shift_average=False):
     rolled back, in 16x the time: then content moved by any whole number of pixels, away
     from the borders, moves the output with it (without it, only moves by multiples of 4 do)."""
     if shift_average:
-        # rolled, not padded: a generator trained at one size changes its output when the
-        # frame grows, while a roll keeps the size and wraps at most 3 px of the far border
-        total = 0
-        for dy, dx in GRID_SHIFTS:
-            y = translate(G, torch.roll(x, (dy, dx), (2, 3)), autocast)
-            total = total + torch.roll(y, (-dy, -dx), (2, 3))
-        return total / len(GRID_SHIFTS)
+        return grid_shift_average(partial(translate, G, autocast=autocast), x)
     h, w = x.shape[-2:]
     pad = padding_to_multiple_of_4(h, w)
     xp = pad(x) if any(pad.padding) else x

@@ -25,6 +25,7 @@ import sys
 import time
 import warnings
 import zlib
+from functools import partial
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from datasets import IMG_EXTENSIONS, composite_on_white, list_images, load_image
 from evaluate import pixel_errors, psnr
-from models import GRID_SHIFTS, generator_channels, load_generator, to_image, to_tensor, translate
+from models import generator_channels, grid_shift_average, load_generator, to_image, to_tensor, translate
 from report import write_translations_page
 from tiling import NotEnoughTempSpace, peak_bytes, translate_tiled
 from utils import (HelpFormatter, add_device_args, check_writable, choose_precision, die, pick_device,
@@ -335,13 +336,9 @@ def translate_one(G, img, rows, shift_average=False):
         return to_image(translate(G, to_tensor(img).to(p.device, p.dtype), shift_average=shift_average))
     levels = torch.from_numpy(np.array(img))  # in strips: the image stays 8-bit, 1 byte a value
     levels = (levels[None, None] if levels.ndim == 2 else levels.permute(2, 0, 1)[None]).to(p.device)
-    if not shift_average:
-        return to_image(translate_tiled(G, levels, rows))
-    total = 0  # as translate(shift_average=True) does, on 8-bit outputs summed in 16 bits
-    for dy, dx in GRID_SHIFTS:
-        y = translate_tiled(G, torch.roll(levels, (dy, dx), (2, 3)), rows)
-        total = total + torch.roll(y, (-dy, -dx), (2, 3)).short()
-    return to_image(((total + len(GRID_SHIFTS) // 2) // len(GRID_SHIFTS)).byte())
+    if shift_average:
+        return to_image(grid_shift_average(partial(translate_tiled, G, strip_rows=rows), levels))
+    return to_image(translate_tiled(G, levels, rows))
 
 
 def save_png(img, path):
