@@ -39,12 +39,13 @@ import cyclegan
 import gan
 import training
 from augment import DIFFAUG_POLICIES
+from models import GENERATOR_KIND_FLAGS
 from utils import HelpFormatter, die, pick_device, pick_precision, precision_name, print_lines_as_they_come
 
 ROW_OPTIONS = {"fp32": ["--amp", "none"], "bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"],
                "channels_last": ["--channels_last"], "compile": ["--compile", "default"],
                "cudagraphs": ["--compile", "reduce-overhead"], "antialias": ["--antialias"],
-               "antialias_up": ["--antialias_up"]}
+               "antialias_up": ["--antialias_up"], "canonical_shift": ["--canonical_shift"]}
 
 
 def get_parser():
@@ -60,9 +61,9 @@ def get_parser():
     p.add_argument("--netD", default="patch", choices=gan.NETDS, metavar="KIND", help="as cyclegan.py's")
     p.add_argument("--gan_mode", default="lsgan", choices=gan.GAN_MODES, help="as cyclegan.py's")
     p.add_argument("--diffaug", default="", metavar="POLICY", help="as cyclegan.py's (e.g. color,translation,cutout)")
-    for flag in ("antialias", "antialias_up"):
+    for flag in GENERATOR_KIND_FLAGS:
         p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"as cyclegan.py's --{flag} (default: the script's own, off in cyclegan.py, on in cut.py)")
+                       help=f"as cyclegan.py's --{flag} (default: the script's own)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="as cyclegan.py's --amp")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "reduce-overhead"),
@@ -131,10 +132,10 @@ def build_step(opt, device):
     train_opt.n_residual_blocks, train_opt.amp, train_opt.compile = opt.n_residual_blocks, opt.amp, opt.compile
     train_opt.ngf, train_opt.d_receptive_field = opt.ngf, opt.d_receptive_field
     train_opt.netD, train_opt.gan_mode, train_opt.diffaug = opt.netD, opt.gan_mode, opt.diffaug
-    for flag in ("antialias", "antialias_up"):
-        if getattr(opt, flag) is not None:
-            setattr(train_opt, flag, getattr(opt, flag))
-    opt.antialias, opt.antialias_up = train_opt.antialias, train_opt.antialias_up  # (for the description)
+    for flag in GENERATOR_KIND_FLAGS:
+        if getattr(opt, flag) is None:
+            setattr(opt, flag, getattr(train_opt, flag))  # (for the description)
+        setattr(train_opt, flag, getattr(opt, flag))
     procs = training.Processes()  # one process, which prints
     torch.manual_seed(0)
     nets, _ = script.build_networks(train_opt, device)
@@ -180,6 +181,7 @@ def step_description(opt):
     return (f"{opt.model}, {opt.n_residual_blocks} residual blocks, ngf {opt.ngf}, "
             f"D {opt.netD.replace('patch', f'patch {opt.d_receptive_field}')}, {opt.gan_mode}"
             + (f", anti-aliased {' and '.join(blurs)}" if blurs else "")
+            + (", canonical shift" if opt.canonical_shift else "")
             + (f", diffaug {opt.diffaug}" if opt.diffaug else ""))
 
 
@@ -218,7 +220,7 @@ def row_argv(opt, row):
             f"--device={opt.device}", f"--iters={opt.iters}",
             f"--warmup={opt.warmup}"] + (["--profile"] if opt.profile else [])
     options = [] if row == "default" else row.split("+")
-    for flag in ("antialias", "antialias_up"):  # a row's blur replaces the flag given
+    for flag in GENERATOR_KIND_FLAGS:  # a row's option replaces the flag given
         on = True if flag in options else getattr(opt, flag)
         argv += [] if on is None else [f"--{'' if on else 'no-'}{flag}"]
     amp = next((ROW_OPTIONS[o][1] for o in options if o in ("fp32", "bf16", "fp16")), opt.amp)

@@ -363,7 +363,8 @@ def load_epoch_weights(nets, model_dir, epoch, device, opt):
             die(f"{path} is a --netD {kind} discriminator; this run asks for --netD {opt.netD}: pass --netD {kind}, "
                 f"or start a new run")
         if name.startswith("G"):
-            saved, asked = generator_kind(state), {"antialias": opt.antialias, "antialias_up": opt.antialias_up}
+            saved = generator_kind(state)
+            asked = {flag: getattr(opt, flag) for flag in saved}
             if saved != asked:
                 die(f"{path} is a generator of {kind_flags(saved)}; this run asks for {kind_flags(asked)}: "
                     f"pass {kind_flags(saved)}, or start a new run")

@@ -32,6 +32,7 @@ from augment import diff_augment
 from gan import (ReplayBuffer, adam_options, backward_step, build_discriminator, gan_loss, lr_schedulers,
                  set_requires_grad, split_batch)
 from models import GeneratorResNet, PatchProjection, efficientnet_lite0, weights_init_normal
+from shifts import canonical_shift, flipped_shift
 from training import Algorithm, add_training_args
 from utils import HelpFormatter
 
@@ -97,7 +98,7 @@ def build_networks(opt, device):
     averaged copy."""
     input_shape = (opt.channels, opt.img_height, opt.img_width)
     G = GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start, opt.antialias,
-                        opt.antialias_up)
+                        opt.antialias_up, opt.canonical_shift)
     nets = {"G_AB": G, "D_B": build_discriminator(opt, efficientnet_lite0() if "projected" in opt.netD else None)}
     for net in nets.values():
         net.apply(weights_init_normal)
@@ -138,12 +139,13 @@ def patch_nce_loss(queries, keys, temperature=0.07):
     return F.cross_entropy(logits.reshape(b * p, p), targets, reduction="none").view(b, p).mean(1)
 
 
-def nce_across_layers(G, F_head, source_features, target, layers, n_patches, temperature, flipped):
+def nce_across_layers(G, F_head, source_features, target, layers, n_patches, temperature, flipped, shift=None):
     """The PatchNCE of every tapped layer between the source images' features (keys) and
     the target images' (queries, through G's encoder), averaged over the layers. `flipped`:
     the target was computed from the left-right flipped source, so its features are flipped
-    back to line up with the source's. Per image: (B,)."""
-    query_features = G(target, layers, encode_only=True)
+    back to line up with the source's. `shift`: where a --canonical_shift G placed the source
+    images, so that the queries sit where the keys did. Per image: (B,)."""
+    query_features = G(target, layers, encode_only=True, shift=shift)
     if flipped:
         query_features = [f.flip(3) for f in query_features]
     with torch.no_grad():  # the keys are constants of the loss (the official detaches them)
@@ -169,8 +171,10 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_GAN=1.0, lambda
 
     real = torch.cat([real_A, real_B]) if nce_idt else real_A
     flipped = flip_equivariance and bool(torch.rand(()) < 0.5)  # (the global RNG, which last.pt saves)
+    source = real.flip(3) if flipped else real
+    shift = canonical_shift(source) if getattr(bare_G, "_orig_mod", bare_G).canonical_shift else None
     with autocast:
-        fake, features = G(real.flip(3) if flipped else real, layers)
+        fake, features = G(source, layers, shift=shift)
     fake_B = fake[:n]  # (and fake[n:], with nce_idt: G(real B), which should stay real B)
 
     # ----------------------------------------------
@@ -194,9 +198,10 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_GAN=1.0, lambda
         loss_GAN = lambda_GAN * gan_loss(grade(diff_augment(fake_B, diffaug)), True, gan_mode, for_discriminator=False)
         if flipped:  # the keys are the features of the unflipped input
             with torch.no_grad():
-                features = bare_G(real, layers, encode_only=True)
+                features = bare_G(real, layers, encode_only=True, shift=None if shift is None else flipped_shift(shift))
         # one pass for both terms: the translations against real A, the identities against real B
-        nce = lambda_NCE * nce_across_layers(G, F_head, features, fake, layers, num_patches, nce_T, flipped)
+        nce = lambda_NCE * nce_across_layers(G, F_head, features, fake, layers, num_patches, nce_T, flipped,
+                                             shift)
         loss_NCE = nce[:n].mean()
         loss_NCE_Y = nce[n:].mean() if nce_idt else torch.zeros_like(loss_NCE)
         loss_G = loss_GAN + ((loss_NCE + loss_NCE_Y) / 2 if nce_idt else loss_NCE)

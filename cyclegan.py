@@ -68,7 +68,7 @@ def build_networks(opt, device):
     generators made the identity), and with --ema the generators' averaged copies."""
     input_shape = (opt.channels, opt.img_height, opt.img_width)
     nets = {name: GeneratorResNet(input_shape, opt.n_residual_blocks, opt.ngf, opt.identity_start, opt.antialias,
-                                  opt.antialias_up)
+                                  opt.antialias_up, opt.canonical_shift)
             for name in ("G_AB", "G_BA")}
     backbone = efficientnet_lite0() if "projected" in opt.netD else None  # frozen: D_A and D_B share it
     nets.update({name: build_discriminator(opt, backbone) for name in ("D_A", "D_B")})

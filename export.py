@@ -64,7 +64,7 @@ def metadata(G, checkpoint, generator):
     arch, channels, channels_out, n_blocks = generator_config(G.state_dict())
     colour = "RGB" if channels == 3 else "grayscale" if channels == 1 else "channels"
     blurs = generator_kind(G.state_dict())
-    kind = f" ({kind_flags(blurs)})" if arch == "seed" and any(blurs.values()) else ""
+    kind = " (" + " ".join(f"--{flag}" for flag, on in blurs.items() if on) + ")" if any(blurs.values()) else ""
     meta = {k: v.format(channels=channels, channels_out=channels_out, colour=colour) for k, v in CONTRACT.items()}
     meta.update({
         "architecture": f"{arch} ResNet generator{kind}, {n_blocks} residual block{'s' if n_blocks != 1 else ''}",

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
+from shifts import SHIFT_FRAME, canonical_shift, crop_from_frame, grid_shift_average, place_in_frame
 from utils import die, first_line, load_checkpoint
 
 
@@ -121,10 +122,15 @@ class GeneratorResNet(nn.Module):
     antialias: each downsampling is a stride-1 convolution, its norm and ReLU, then
     BlurDownsample (CUT's default layout, which shifts the later layers' indices by 1 and 2);
     antialias_up: each upsampling is BlurUpsample instead of nearest-neighbour, then the
-    same convolution (same indices). Both off: the seed's layers and keys, unchanged."""
+    same convolution (same indices). Both off: the seed's layers and keys, unchanged.
+
+    canonical_shift: the input is placed in a frame 4 px larger where canonical_shift puts
+    it, so that content moved by any whole number of pixels meets the strided layers as it
+    did (the grid's phase is chosen by the content, not by where it sits); a buffer
+    `shift_frame` marks such weights. No new weights."""
 
     def __init__(self, input_shape, num_residual_blocks, ngf=64, identity_start=False, antialias=False,
-                 antialias_up=False):
+                 antialias_up=False, canonical_shift=False):
         super().__init__()
         channels = input_shape[0]
         # The 7x7 convolutions need a padding of 3 to keep the size. The seed padded
@@ -159,21 +165,34 @@ class GeneratorResNet(nn.Module):
                   nn.Identity() if identity_start else nn.Tanh()]
         self.model = nn.Sequential(*model)
         self.identity_start, self.antialias, self.antialias_up = identity_start, antialias, antialias_up
+        self.canonical_shift = canonical_shift
         if identity_start:
             self.register_buffer("global_skip", torch.ones(()))
+        if canonical_shift:
+            self.register_buffer("shift_frame", torch.tensor(SHIFT_FRAME))
 
     def start_as_identity(self):
         """Zero the last convolution: with the global skip, G(x) = x exactly."""
         nn.init.zeros_(self.model[-2].weight)
         nn.init.zeros_(self.model[-2].bias)
 
-    def forward(self, x, layers=None, encode_only=False):
+    def forward(self, x, layers=None, encode_only=False, shift=None):
         """The translation of x; with `layers` (indices into self.model, ascending), also the
         outputs of those layers (the encoder features CUT's PatchNCE compares: see
         nce_layers), as (translation, features), or, with encode_only, the features alone,
-        computed only as far as the last of them."""
+        computed only as far as the last of them.
+
+        With canonical_shift, x is first placed in a frame SHIFT_FRAME px larger at the
+        offset canonical_shift(x) picks (or `shift`, to put other images where those were,
+        as PatchNCE's queries must sit where its keys did), and the output cropped back;
+        the features stay in the larger frame."""
+        if self.canonical_shift:
+            shift = canonical_shift(x) if shift is None else shift
+            h, w = x.shape[-2:]
+            x = place_in_frame(x, shift)
         if layers is None:
-            return self.output(x, self.model(x))
+            y = self.output(x, self.model(x))
+            return crop_from_frame(y, shift, h, w) if self.canonical_shift else y
         features, y = [], x
         for index, layer in enumerate(self.model[:layers[-1] + 1] if encode_only else self.model):
             y = layer(y)
@@ -181,7 +200,8 @@ class GeneratorResNet(nn.Module):
                 features.append(y)
         if encode_only:
             return features
-        return self.output(x, y), features
+        y = self.output(x, y)
+        return (crop_from_frame(y, shift, h, w) if self.canonical_shift else y), features
 
     def output(self, x, y):
         return x + y if self.identity_start else y
@@ -556,12 +576,16 @@ def clean_state_dict(state_dict):
     return out
 
 
+# The flags that change a seed-layout generator's layers, and so what its weights mean
+GENERATOR_KIND_FLAGS = ("antialias", "antialias_up", "canonical_shift")
+
+
 def generator_kind(state_dict):
-    """{"antialias": bool, "antialias_up": bool}: which anti-aliased layers a seed-layout
-    generator's weights were trained with, read off its blur filters (3x3: downsampling,
-    4x4: upsampling)."""
+    """{flag: bool} for GENERATOR_KIND_FLAGS: which anti-aliased layers a seed-layout generator's
+    weights were trained with, read off its blur filters (3x3: downsampling, 4x4: upsampling),
+    and whether it placed its input by canonical_shift (its `shift_frame` buffer)."""
     blurs = [v.shape[-1] for k, v in state_dict.items() if k.endswith(".filt")]
-    return {"antialias": 3 in blurs, "antialias_up": 4 in blurs}
+    return {"antialias": 3 in blurs, "antialias_up": 4 in blurs, "canonical_shift": "shift_frame" in state_dict}
 
 
 def kind_flags(kind):
@@ -636,24 +660,6 @@ def padding_to_multiple_of_4(h, w):
     H, W = max(8, math.ceil(h / 4) * 4), max(8, math.ceil(w / 4) * 4)
     pad = nn.ReflectionPad2d if H - h < h and W - w < w else nn.ReplicationPad2d
     return pad((0, W - w, 0, H - h))
-
-
-# Every offset of the generator's 4-px grid: its two stride-2 layers tie the output to where
-# the content sits modulo 4 px, so that a video panning by 1 px a frame shimmers.
-GRID_SHIFTS = [(dy, dx) for dy in range(4) for dx in range(4)]
-
-
-def grid_shift_average(translate_fn, x):
-    """The mean over GRID_SHIFTS of translate_fn(x rolled by the shift), rolled back. 8-bit
-    outputs (the strip path's) are summed in 16 bits and the mean rounded: 2 bytes a value."""
-    # rolled, not padded: a generator trained at one size changes its output when the frame
-    # grows, while a roll keeps the size and wraps at most 3 px of the far border
-    total = 0
-    for dy, dx in GRID_SHIFTS:
-        y = torch.roll(translate_fn(torch.roll(x, (dy, dx), (2, 3))), (-dy, -dx), (2, 3))
-        total = total + (y.short() if y.dtype == torch.uint8 else y)
-    n = len(GRID_SHIFTS)
-    return ((total + n // 2) // n).byte() if y.dtype == torch.uint8 else total / n
 
 
 @torch.no_grad()

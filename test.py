@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from datasets import IMG_EXTENSIONS, composite_on_white, list_images, load_image
 from evaluate import pixel_errors, psnr
-from models import generator_channels, grid_shift_average, load_generator, to_image, to_tensor, translate
+from models import generator_channels, load_generator, to_image, to_tensor, translate
 from report import write_translations_page
+from shifts import grid_shift_average
 from tiling import NotEnoughTempSpace, peak_bytes, translate_tiled
 from utils import (HelpFormatter, add_device_args, check_writable, choose_precision, die, pick_device,
                    print_lines_as_they_come, write_atomic)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from models import (BlurDownsample, BlurUpsample, OfficialResnetBlock, ResidualBlock, padding_to_multiple_of_4,
                     to_levels)
+from shifts import SHIFT_FRAME, canonical_shift, fine_detail, grid_phase_sums
 
 
 def network_ops(layers, blocks=None):
@@ -150,12 +151,12 @@ def layer_rows(m, g, x, i0, n_in, o0, o1):
     return m(x)
 
 
-def plan_stages(G, pad, shape):
-    """The generator (with the multiple-of-4 padding in front) as stages cut at each
-    InstanceNorm: [{'ops': [(op, rows, in_shape, out_shape), ...], 'out': shape}].
+def plan_stages(G, pads, shape):
+    """The generator (with `pads`, the padding layers before it, in front) as stages cut at
+    each InstanceNorm: [{'ops': [(op, rows, in_shape, out_shape), ...], 'out': shape}].
     Each stage after the first starts with the norm that ends the previous one."""
     stages = [{"ops": []}]
-    for op in [pad] + network_ops(G.children()):
+    for op in pads + network_ops(G.children()):
         if is_norm(op):
             stages[-1]["out"] = shape
             stages.append({"ops": []})
@@ -277,7 +278,7 @@ def peak_bytes(G, shape, strip_rows=None):
     rows; in strips the 8-bit image and its translation are held whole besides. Checked
     against the tensors alive at once in tests/test_tiling.py."""
     c, h, w = shape
-    stages = plan_stages(G, padding_to_multiple_of_4(h, w), shape)
+    stages = plan_stages(G, input_pads(G, padding_to_multiple_of_4(h, w)), shape)
     H = stages[0]["ops"][0][3][1]
     itemsize = next(G.parameters()).dtype.itemsize
     largest = 0
@@ -315,6 +316,30 @@ def temp_bytes_needed(stages, itemsize):
     return peak
 
 
+def input_pads(G, pad, shift=(0, 0)):
+    """The padding layers before G's own: `pad` to a multiple of 4, and for a --canonical_shift
+    G the frame that places the image at `shift` (models.place_in_frame, as a layer)."""
+    if not getattr(G, "canonical_shift", False):
+        return [pad]
+    dy, dx = shift
+    return [pad, nn.ReflectionPad2d((dx, SHIFT_FRAME - dx, dy, SHIFT_FRAME - dy))]
+
+
+def canonical_shift_in_strips(x, pad, strip_rows):
+    """models.canonical_shift of pad(x) (x: 1 x C x h x w), its fine detail summed strip by
+    strip, each strip read with the row above and below it that the 3x3 mean needs."""
+    g = row_geometry(pad, 0)
+    h, H = x.shape[2], out_length(g, x.shape[2])
+    step, sums = max(4, strip_rows // 4 * 4), 0
+    for a in range(0, H, step):
+        b = min(a + step, H)
+        lo, hi = max(a - 1, 0), min(b + 1, H)
+        i0, i1 = input_rows(pad, g, lo, hi, h)
+        rows = layer_rows(pad, g, read_rows(x, i0, i1, x.device, torch.float32), i0, h, lo, hi)
+        sums = sums + grid_phase_sums(fine_detail(rows)[:, a - lo:b - lo])
+    return tuple(canonical_shift(x, sums)[0].tolist())
+
+
 @torch.no_grad()
 def translate_tiled(G, x, strip_rows, autocast=nullcontext()):
     """translate(G, x) computed in strips of about `strip_rows` image rows: the same
@@ -326,7 +351,8 @@ def translate_tiled(G, x, strip_rows, autocast=nullcontext()):
         return torch.cat([translate_tiled(G, x[i:i + 1], strip_rows, autocast) for i in range(x.shape[0])])
     h, w = x.shape[-2:]
     pad = padding_to_multiple_of_4(h, w)
-    stages = plan_stages(G, pad, tuple(x.shape[1:]))
+    shift = canonical_shift_in_strips(x, pad, strip_rows) if getattr(G, "canonical_shift", False) else (0, 0)
+    stages = plan_stages(G, input_pads(G, pad, shift), tuple(x.shape[1:]))
     H = stages[0]["ops"][0][3][1]  # padded height: strips scale with each stage's height
     dtype = next(G.parameters()).dtype  # of the maps between stages
     need, free = temp_bytes_needed(stages, dtype.itemsize), shutil.disk_usage(tempfile.gettempdir()).free
@@ -349,14 +375,16 @@ def translate_tiled(G, x, strip_rows, autocast=nullcontext()):
                 dst, new_stats = new_map(stage["out"]), None
                 files.append(dst)
             step = strip_step(strip_rows, rows, H)
-            for o0 in range(0, h if last else rows, step):
-                o1 = min(o0 + step, h if last else rows)
+            top, left = shift  # where the image sits in the last stage's output
+            for o0 in range(top, top + h, step) if last else range(0, rows, step):
+                o1 = min(o0 + step, top + h if last else rows)
                 with autocast:
                     y = stage_rows(stage, src, stats, skips, o0, o1, x.device, dtype)
                 assert y.shape[1:] == (c, o1 - o0, stage["out"][2]), (y.shape, stage["out"])
                 if last:
-                    y = y[..., :w]
-                    out[:, :, o0:o1] = (to_levels(y) if out.dtype == torch.uint8 else y.to(out.dtype)).cpu()
+                    y = y[..., left:left + w]
+                    out[:, :, o0 - top:o1 - top] = (to_levels(y) if out.dtype == torch.uint8
+                                                    else y.to(out.dtype)).cpu()
                 else:
                     new_stats = add_stats(new_stats, y)
                     write_rows(dst, o0, y)

@@ -96,6 +96,9 @@ def add_training_args(p):
     p.add_argument("--antialias_up", action=argparse.BooleanOptionalAction, default=False,
                    help="anti-aliased upsampling in the generators, as CUT's: a transposed [1 3 3 1]^2 blur "
                         "instead of nearest-neighbour, against the checkerboard dots of flat areas")
+    p.add_argument("--canonical_shift", action=argparse.BooleanOptionalAction, default=False,
+                   help="each generator places its input on its 4-px grid by the input's own fine detail, so that "
+                        "content moved by any number of pixels is translated the same (video that pans)")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="keep a moving average of the generators' weights (e.g. 0.999), which is what is saved as "
                         "G_*.pth, evaluated and sampled; last.pt keeps both; its first steps average over fewer "

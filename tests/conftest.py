@@ -89,16 +89,17 @@ def make_buffers(size=50, seed_A=None, seed_B=None):
     return {"fake_A": ReplayBuffer(size, seed=seed_A), "fake_B": ReplayBuffer(size, seed=seed_B)}
 
 
-def make_generator(channels=3, seed=0, official=False, ngf=64, n_blocks=2, antialias=False):
+def make_generator(channels=3, seed=0, official=False, ngf=64, n_blocks=2, antialias=False, canonical_shift=False):
     """A tiny generator in eval mode: the seed's layout with one residual block (with both
-    anti-aliased layers if `antialias`), or the official one (ngf filters, n_blocks blocks);
-    the global RNG is left as it was."""
+    anti-aliased layers if `antialias`, placing its input by canonical_shift if that), or the
+    official one (ngf filters, n_blocks blocks); the global RNG is left as it was."""
     import torch
     from models import GeneratorResNet, OfficialGenerator
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         G = (OfficialGenerator(channels, channels, ngf, n_blocks) if official
-             else GeneratorResNet((channels, 0, 0), 1, antialias=antialias, antialias_up=antialias))
+             else GeneratorResNet((channels, 0, 0), 1, antialias=antialias, antialias_up=antialias,
+                                  canonical_shift=canonical_shift))
     return G.eval()
 
 

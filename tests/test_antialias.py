@@ -13,12 +13,15 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import artefacts
 from conftest import fp32, make_data, run_cli, run_translate, translate_script
-from models import (BlurDownsample, BlurUpsample, GeneratorResNet, ResidualBlock, generator_kind, load_generator,
-                    to_image, to_tensor, translate)
+import cut
+from models import (BlurDownsample, BlurUpsample, GeneratorResNet, PatchProjection, ResidualBlock, generator_kind,
+                    load_generator, to_image, to_tensor, translate)
+from shifts import SHIFT_FRAME, canonical_shift, crop_from_frame, flipped_shift, place_in_frame
 
 
 def direct_blur_down(x):
@@ -79,10 +82,11 @@ def test_both_blurs_keep_a_constant_image_constant_and_their_filters_are_the_bin
     assert torch.equal(up[0, 0] * 16, torch.outer(torch.tensor([1., 3, 3, 1]), torch.tensor([1., 3, 3, 1])))
 
 
-def tiny_generator(antialias, antialias_up, seed=0):
+def tiny_generator(antialias, antialias_up, seed=0, canonical_shift=False):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        G = GeneratorResNet((3, 0, 0), 1, ngf=8, antialias=antialias, antialias_up=antialias_up).double().eval()
+        G = GeneratorResNet((3, 0, 0), 1, ngf=8, antialias=antialias, antialias_up=antialias_up,
+                            canonical_shift=canonical_shift).double().eval()
         for m in G.modules():  # biases that are not zero, so that padding a constant shows
             if isinstance(m, torch.nn.Conv2d):
                 torch.nn.init.uniform_(m.bias, -0.5, 0.5)
@@ -150,14 +154,87 @@ def test_the_default_generator_has_no_blur_and_each_flag_adds_its_own_filters():
     def filters(G):
         return {k: tuple(v.shape) for k, v in G.state_dict().items() if k.endswith("filt")}
     plain = GeneratorResNet((3, 0, 0), 2, ngf=8)
-    assert filters(plain) == {} and generator_kind(plain.state_dict()) == {"antialias": False, "antialias_up": False}
+    assert filters(plain) == {} and generator_kind(plain.state_dict()) == {"antialias": False, "antialias_up": False,
+                                                                      "canonical_shift": False}
     down = GeneratorResNet((3, 0, 0), 2, ngf=8, antialias=True)
     assert filters(down) == {"model.7.filt": (16, 1, 3, 3), "model.11.filt": (32, 1, 3, 3)}
     up = GeneratorResNet((3, 0, 0), 2, ngf=8, antialias_up=True)
     assert filters(up) == {"model.12.filt": (32, 1, 4, 4), "model.16.filt": (16, 1, 4, 4)}
     # the upsampling keeps the seed's indices: only the blur's buffer is new
     assert set(up.state_dict()) - set(plain.state_dict()) == set(filters(up))
-    assert generator_kind(up.state_dict()) == {"antialias": False, "antialias_up": True}
+    assert generator_kind(up.state_dict()) == {"antialias": False, "antialias_up": True, "canonical_shift": False}
+
+
+# -----------------------------------------------------------------------------
+# --canonical_shift
+
+
+@pytest.mark.parametrize("r, c", [(r, c) for r in range(4) for c in range(4)])
+def test_canonical_shift_puts_the_phase_that_holds_the_detail_on_the_grid_origin(r, c):
+    x = torch.full((2, 3, 32, 40), 0.3)
+    x[0, :, r::4, c::4][:, 2:6, 3:7] = -1.0  # isolated dots, all at (r, c) modulo 4
+    x[0, 1, r + 16, c + 24] = 0.9  # a brighter one, in one channel, at the same phase
+    want = torch.tensor([(4 - r) % 4, (4 - c) % 4])
+    assert torch.equal(canonical_shift(x)[0], want)  # then r + dy and c + dx are multiples of 4
+    assert torch.equal(canonical_shift(x)[1], torch.tensor([0, 0]))  # a blank image: the first phase
+
+
+def test_place_in_frame_is_reflection_padding_by_the_offset_and_crop_from_frame_undoes_it():
+    x = torch.rand(16, 2, 9, 7, generator=torch.Generator().manual_seed(0))
+    shift = torch.tensor([[dy, dx] for dy in range(4) for dx in range(4)])
+    framed = place_in_frame(x, shift)
+    for k, (dy, dx) in enumerate(shift.tolist()):
+        padded = F.pad(x[k:k + 1], (dx, SHIFT_FRAME - dx, dy, SHIFT_FRAME - dy), mode="reflect")
+        assert torch.equal(framed[k:k + 1], padded), (dy, dx)
+    assert torch.equal(crop_from_frame(framed, shift, 9, 7), x)
+    # the frame of a left-right flipped image, placed at shift and flipped back, is the frame
+    # of the image itself at flipped_shift (offsets up to SHIFT_FRAME itself are valid)
+    assert torch.equal(place_in_frame(x.flip(3), shift).flip(3), place_in_frame(x, flipped_shift(shift)))
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_a_canonical_shift_generator_moves_its_output_with_content_shifted_by_any_whole_number_of_pixels(antialias):
+    # the shift-average test's scene: content on a flat background far from the borders,
+    # moved 1 px down and 3 px left; one translation, no average
+    g = torch.Generator().manual_seed(2)
+    frame = torch.full((1, 3, 128, 128), 0.6, dtype=torch.float64)
+    shifted = frame.clone()
+    content = torch.rand(1, 3, 20, 20, dtype=torch.float64, generator=g) * 2 - 1
+    frame[..., 52:72, 52:72] = content
+    shifted[..., 53:73, 49:69] = content
+    plain = tiny_generator(antialias, antialias)
+    moved = translate(plain, shifted)[..., 31:91, 27:87] - translate(plain, frame)[..., 30:90, 30:90]
+    assert moved.abs().max() > 1e-3
+    G = tiny_generator(antialias, antialias, canonical_shift=True)
+    assert G.state_dict().keys() - plain.state_dict().keys() == {"shift_frame"}  # what marks its checkpoints
+    y, y_shifted = translate(G, frame), translate(G, shifted)
+    torch.testing.assert_close(y_shifted[..., 31:91, 27:87], y[..., 30:90, 30:90], rtol=0, atol=1e-9)
+
+
+def test_patchnce_queries_sit_where_the_keys_did_under_a_canonical_shift():
+    # G(x) = x exactly (identity_start): the queries, the features of G's translation, are
+    # the keys themselves when placed where the source was, and PatchNCE is then at its
+    # value for identical features; placed by their own canonical_shift they would be too
+    # (the translation is the source), so a wrong offset is passed to show that it matters
+    torch.manual_seed(0)
+    G = GeneratorResNet((3, 0, 0), 2, ngf=8, identity_start=True, canonical_shift=True).eval()
+    G.start_as_identity()
+    layers = G.nce_layers()
+    real = torch.rand(2, 3, 32, 32) * 2 - 1
+    shift = canonical_shift(real)
+    with torch.no_grad():
+        fake, features = G(real, layers, shift=shift)
+        F_head = PatchProjection([f.size(1) for f in features], 16)
+        assert torch.equal(fake, real)
+        torch.manual_seed(1)  # the same patch locations in all three
+        keys, _ = F_head(features, 8)
+        same = sum(cut.patch_nce_loss(k, k, 0.07) for k in keys) / len(layers)
+        torch.manual_seed(1)
+        aligned = cut.nce_across_layers(G, F_head, features, fake, layers, 8, 0.07, False, shift)
+        torch.manual_seed(1)
+        off = cut.nce_across_layers(G, F_head, features, fake, layers, 8, 0.07, False, (shift + 1) % SHIFT_FRAME)
+    torch.testing.assert_close(aligned, same)
+    assert (off - same).abs().min() > 1e-3
 
 
 # -----------------------------------------------------------------------------
@@ -170,9 +247,10 @@ TINY = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """{script: (its G_AB_1.pth, the kind it should hold)}: a tiny CUT run (both blurs, its
-    default) and a tiny CycleGAN run with --antialias only."""
-    runs = {"cut.py": ([], {"antialias": True, "antialias_up": True}),
-            "cyclegan.py": (["--antialias"], {"antialias": True, "antialias_up": False})}
+    default) and a tiny CycleGAN run with --antialias and --canonical_shift."""
+    runs = {"cut.py": ([], {"antialias": True, "antialias_up": True, "canonical_shift": False}),
+            "cyclegan.py": (["--antialias", "--canonical_shift"],
+                            {"antialias": True, "antialias_up": False, "canonical_shift": True})}
     out = {}
     for script, (flags, kind) in runs.items():
         root = tmp_path_factory.mktemp(script.replace(".", "_"))
@@ -190,7 +268,7 @@ def test_both_kinds_train_save_keys_that_load_back_exactly_and_translate_any_siz
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert generator_kind(saved) == kind
     G = load_generator(str(ckpt))
-    assert (G.antialias, G.antialias_up) == (kind["antialias"], kind["antialias_up"])
+    assert {flag: getattr(G, flag) for flag in kind} == kind
     assert G.state_dict().keys() == saved.keys()
     assert all(torch.equal(G.state_dict()[k], v) for k, v in saved.items())
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 22, 3), dtype=np.uint8))
@@ -229,12 +307,15 @@ def test_test_py_shift_average_writes_the_mean_of_the_16_rolled_translations_who
 
 
 def test_resume_and_epoch_of_another_generator_kind_are_refused_in_one_line(trained, main_in_process):
-    root = trained["cyclegan.py"][0].parents[2]  # the run trained with --antialias, --no-antialias_up
-    code, _, err = main_in_process(root, *fp32(TINY[:-2]), "--n_epochs", "2", "--epoch", "1", "--no-antialias")
+    root = trained["cyclegan.py"][0].parents[2]  # trained with --antialias --no-antialias_up --canonical_shift
+    code, _, err = main_in_process(root, *fp32(TINY[:-2]), "--n_epochs", "2", "--epoch", "1", "--no-antialias",
+                                   "--canonical_shift")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert "G_AB_1.pth is a generator of --antialias --no-antialias_up" in lines[0]
-    assert "this run asks for --no-antialias --no-antialias_up" in lines[0]
+    assert "G_AB_1.pth is a generator of --antialias --no-antialias_up --canonical_shift" in lines[0]
+    assert "this run asks for --no-antialias --no-antialias_up --canonical_shift" in lines[0]
+    code, _, err = main_in_process(root, *fp32(TINY[:-2]), "--n_epochs", "2", "--epoch", "1", "--antialias")
+    assert code == 2 and "this run asks for --antialias --no-antialias_up --no-canonical_shift" in err, err
     code, _, err = main_in_process(root, "--dataset_name", "tiny", "--resume", "--antialias_up")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "--antialias_up False -> True" in lines[0], err

@@ -99,13 +99,15 @@ def test_a_row_replaces_the_flags_given_with_its_own_options():
     opt = SimpleNamespace(model="fastcut", img_size=32, batch_size=2, n_residual_blocks=1, ngf=8,
                           d_receptive_field="auto", netD="patch", gan_mode="lsgan", diffaug="", device="cpu",
                           iters=2, warmup=0, profile=False, amp="none", compile=None, channels_last=False,
-                          antialias=None, antialias_up=False)
+                          antialias=None, antialias_up=False, canonical_shift=None)
     argv, amp = bench.row_argv(opt, "default")
     assert "--ngf=8" in argv and "--d_receptive_field=auto" in argv and "--model=fastcut" in argv
     # a blur left to the script's default stays so; one given is carried, and a row's replaces it
     assert "--no-antialias_up" in argv and not [a for a in argv if a.endswith("-antialias") or a == "--antialias"]
     assert {"--antialias", "--antialias_up"} <= set(bench.row_argv(opt, "antialias+antialias_up")[0])
     assert "--no-antialias_up" not in bench.row_argv(opt, "antialias_up")[0]
+    assert "--canonical_shift" in bench.row_argv(opt, "canonical_shift")[0]
+    assert not [a for a in argv if "canonical_shift" in a]
     assert amp == "none" and argv[-1] == "--amp=none" and not [a for a in argv if "compile" in a or "channels" in a]
     argv, amp = bench.row_argv(opt, "bf16+channels_last+compile")
     assert amp == "bf16" and argv[-3:] == ["--amp=bf16", "--compile=default", "--channels_last"]

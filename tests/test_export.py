@@ -58,12 +58,12 @@ def compare(G, run, channels=3):
 
 
 
-@pytest.fixture(scope="module", params=["seed", "official", "antialiased"])
+@pytest.fixture(scope="module", params=["seed", "official", "antialiased", "canonical"])
 def exported(request, tmp_path_factory):
     """(arch, G, checkpoint, the .onnx file) for each architecture, exported once."""
     d = tmp_path_factory.mktemp(f"export_{request.param}")
     G = make_generator(official=request.param == "official", ngf=16, n_blocks=1,
-                       antialias=request.param == "antialiased")
+                       antialias=request.param == "antialiased", canonical_shift=request.param == "canonical")
     ckpt = d / ("latest_net_G.pth" if request.param == "official" else "G_AB_3.pth")
     torch.save(G.state_dict(), ckpt)
     export.main(["--checkpoint", str(ckpt), "--format", "onnx", "--output", str(d / "g.onnx")])
@@ -106,6 +106,8 @@ def test_onnx_metadata_states_input_range_padding_and_output_mapping(exported):
     assert "(y + 1) / 2" in meta["output"] and "clipped to [-1, 1]" in meta["output"]
     if arch == "antialiased":  # the seed's layout, with both blurs
         assert meta["architecture"].startswith("seed ResNet generator (--antialias --antialias_up)")
+    elif arch == "canonical":
+        assert meta["architecture"].startswith("seed ResNet generator (--canonical_shift)")
     else:
         assert meta["architecture"].startswith(arch) and "--antialias" not in meta["architecture"]
     assert "1 residual block" in meta["architecture"]

@@ -24,6 +24,8 @@ ARCHS = {
     # the anti-aliased layout: stride-1 convs then reflection-padded blurs of stride 2, and
     # replication-padded transposed blurs (tiling.py opens both into plain layers)
     "antialiased": lambda c: GeneratorResNet((c, 0, 0), 1, antialias=True, antialias_up=True),
+    # placed in a larger frame by the image's own detail: a reflection pad in front, an offset crop
+    "canonical": lambda c: GeneratorResNet((c, 0, 0), 1, canonical_shift=True),
 }
 
 
