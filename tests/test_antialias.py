@@ -119,16 +119,22 @@ def rolled_mean(G, x):
     return torch.stack(outs).mean(0)
 
 
-@pytest.mark.parametrize("antialias, antialias_up", [(False, False), (True, True)])
-def test_shift_average_moves_the_output_with_content_shifted_by_any_whole_number_of_pixels(antialias, antialias_up):
-    # as above, content on a flat background far from the borders; now shifted by 1 px down
-    # and 3 px left, which the generator's grid of 4 does not follow, and its shift average does
+def scene_moved_off_the_grid():
+    """As above, content on a flat background far from the borders, and the same content 1 px
+    down and 3 px left, which the generator's grid of 4 does not follow: (frame, shifted); the
+    output at [30:90, 30:90] of the one is at [31:91, 27:87] of the other."""
     g = torch.Generator().manual_seed(2)
     frame = torch.full((1, 3, 128, 128), 0.6, dtype=torch.float64)
     shifted = frame.clone()
     content = torch.rand(1, 3, 20, 20, dtype=torch.float64, generator=g) * 2 - 1
     frame[..., 52:72, 52:72] = content
     shifted[..., 53:73, 49:69] = content
+    return frame, shifted
+
+
+@pytest.mark.parametrize("antialias, antialias_up", [(False, False), (True, True)])
+def test_shift_average_moves_the_output_with_content_shifted_by_any_whole_number_of_pixels(antialias, antialias_up):
+    frame, shifted = scene_moved_off_the_grid()
     G = tiny_generator(antialias, antialias_up)
     plain, plain_shifted = translate(G, frame), translate(G, shifted)
     assert (plain_shifted[..., 31:91, 27:87] - plain[..., 30:90, 30:90]).abs().max() > 1e-3
@@ -194,14 +200,7 @@ def test_place_in_frame_is_reflection_padding_by_the_offset_and_crop_from_frame_
 
 @pytest.mark.parametrize("antialias", [False, True])
 def test_a_canonical_shift_generator_moves_its_output_with_content_shifted_by_any_whole_number_of_pixels(antialias):
-    # the shift-average test's scene: content on a flat background far from the borders,
-    # moved 1 px down and 3 px left; one translation, no average
-    g = torch.Generator().manual_seed(2)
-    frame = torch.full((1, 3, 128, 128), 0.6, dtype=torch.float64)
-    shifted = frame.clone()
-    content = torch.rand(1, 3, 20, 20, dtype=torch.float64, generator=g) * 2 - 1
-    frame[..., 52:72, 52:72] = content
-    shifted[..., 53:73, 49:69] = content
+    frame, shifted = scene_moved_off_the_grid()  # one translation each, no average
     plain = tiny_generator(antialias, antialias)
     moved = translate(plain, shifted)[..., 31:91, 27:87] - translate(plain, frame)[..., 30:90, 30:90]
     assert moved.abs().max() > 1e-3
