@@ -18,7 +18,7 @@ import os
 import torch
 from torch.export import Dim
 
-from models import generator_channels, generator_config, generator_kind, kind_flags, load_generator
+from models import generator_channels, generator_config, generator_kind, load_generator
 from utils import HelpFormatter, die, first_line, print_lines_as_they_come, write_atomic
 
 # What a caller must do around the network; written into every exported file.
@@ -63,8 +63,8 @@ def example_and_shapes(G):
 def metadata(G, checkpoint, generator):
     arch, channels, channels_out, n_blocks = generator_config(G.state_dict())
     colour = "RGB" if channels == 3 else "grayscale" if channels == 1 else "channels"
-    blurs = generator_kind(G.state_dict())
-    kind = " (" + " ".join(f"--{flag}" for flag, on in blurs.items() if on) + ")" if any(blurs.values()) else ""
+    flags = [f"--{flag}" for flag, on in generator_kind(G.state_dict()).items() if on]
+    kind = f" ({' '.join(flags)})" if flags else ""
     meta = {k: v.format(channels=channels, channels_out=channels_out, colour=colour) for k, v in CONTRACT.items()}
     meta.update({
         "architecture": f"{arch} ResNet generator{kind}, {n_blocks} residual block{'s' if n_blocks != 1 else ''}",

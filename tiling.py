@@ -318,7 +318,7 @@ def temp_bytes_needed(stages, itemsize):
 
 def input_pads(G, pad, shift=(0, 0)):
     """The padding layers before G's own: `pad` to a multiple of 4, and for a --canonical_shift
-    G the frame that places the image at `shift` (models.place_in_frame, as a layer)."""
+    G the frame that places the image at `shift` (shifts.place_in_frame, as a layer)."""
     if not getattr(G, "canonical_shift", False):
         return [pad]
     dy, dx = shift
