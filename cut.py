@@ -29,15 +29,15 @@ import torch.nn.functional as F
 
 import training
 from augment import diff_augment
-from gan import (ReplayBuffer, adam_options, backward_step, build_discriminator, gan_loss, lr_schedulers,
-                 set_requires_grad, split_batch)
+from gan import (ReplayBuffer, adam_options, backward_step, build_discriminator, flat_area_loss, gan_loss,
+                 lr_schedulers, set_requires_grad, split_batch)
 from models import GeneratorResNet, PatchProjection, efficientnet_lite0, weights_init_normal
 from shifts import canonical_shift, flipped_shift
 from training import Algorithm, add_training_args
 from utils import HelpFormatter
 
 # What train_step returns, in the order of log.csv's columns.
-LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_NCE", "loss_NCE_Y")
+LOSS_NAMES = ("loss_D", "loss_G", "loss_GAN", "loss_NCE", "loss_NCE_Y", "loss_flat")
 
 # --mode: the official defaults of each (FastCUT: a stronger NCE, no identity term, flip-equivariance)
 MODES = {"cut": dict(lambda_NCE=1.0, nce_idt=True, flip_equivariance=False),
@@ -59,6 +59,10 @@ def get_parser():
     g.add_argument("--flip_equivariance", action=argparse.BooleanOptionalAction, default=None,
                    help="flip half the batches left-right before G and its features back before PatchNCE "
                         "(default: off for cut, on for fastcut)")
+    g.add_argument("--lambda_flat", type=float, default=0.0,
+                   help="weight of the flat-area loss: neighbouring pixels of the translation differ only where "
+                        "the input's do (edge-aware smoothness), against dots and dither inside flat fills; for "
+                        "tasks whose edges are the input's (drawings, icons), not ones that add texture; 0: off")
     g.add_argument("--num_patches", type=int, default=256, help="locations sampled per tapped layer for PatchNCE")
     g.add_argument("--nce_T", type=float, default=0.07, help="PatchNCE temperature")
     g.add_argument("--netF_nc", type=int, default=256, help="width of the projection head's MLP and of its output")
@@ -70,6 +74,7 @@ def get_parser():
 def flag_ranges(opt):
     return [("lambda_GAN", opt.lambda_GAN >= 0, "at least 0"),
             ("lambda_NCE", opt.lambda_NCE is None or opt.lambda_NCE >= 0, "at least 0"),
+            ("lambda_flat", opt.lambda_flat >= 0, "at least 0"),
             ("num_patches", opt.num_patches >= 1, "at least 1"),
             ("nce_T", opt.nce_T > 0, "positive"),
             ("netF_nc", opt.netF_nc >= 1, "at least 1"),
@@ -156,7 +161,7 @@ def nce_across_layers(G, F_head, source_features, target, layers, n_patches, tem
 
 def train_step(real_A, real_B, nets, optimizers, buffers, lambda_GAN=1.0, lambda_NCE=1.0, nce_idt=True,
                flip_equivariance=False, num_patches=256, nce_T=0.07, autocast=nullcontext(), scaler=None, diffaug="",
-               gan_mode="lsgan"):
+               gan_mode="lsgan", lambda_flat=0.0):
     """One CUT iteration in the official order: G translates (with the identity images of B
     when nce_idt), D learns on real B and the new fakes, then G and F learn from D's grade
     and PatchNCE. Returns the losses (LOSS_NAMES) as detached tensors.
@@ -204,20 +209,23 @@ def train_step(real_A, real_B, nets, optimizers, buffers, lambda_GAN=1.0, lambda
                                              shift)
         loss_NCE = nce[:n].mean()
         loss_NCE_Y = nce[n:].mean() if nce_idt else torch.zeros_like(loss_NCE)
-        loss_G = loss_GAN + ((loss_NCE + loss_NCE_Y) / 2 if nce_idt else loss_NCE)
+        # (on the flipped input too: both are flipped alike)
+        loss_flat = lambda_flat * flat_area_loss(fake_B, source[:n]) if lambda_flat else torch.zeros_like(loss_NCE)
+        loss_G = loss_GAN + ((loss_NCE + loss_NCE_Y) / 2 if nce_idt else loss_NCE) + loss_flat
     backward_step(loss_G, optimizer_G, scaler)
     set_requires_grad((D,), True)
     if scaler is not None:
         scaler.update()
 
-    losses = (loss_D, loss_G, loss_GAN, loss_NCE, loss_NCE_Y)
+    losses = (loss_D, loss_G, loss_GAN, loss_NCE, loss_NCE_Y, loss_flat)
     return {name: loss.detach() for name, loss in zip(LOSS_NAMES, losses)}
 
 
 def step(opt, real_A, real_B, nets, optimizers, buffers, autocast, scaler):
     """train_step with this run's arguments: the step the loop in training.py calls."""
     return train_step(real_A, real_B, nets, optimizers, buffers, opt.lambda_GAN, opt.lambda_NCE, opt.nce_idt,
-                      opt.flip_equivariance, opt.num_patches, opt.nce_T, autocast, scaler, opt.diffaug, opt.gan_mode)
+                      opt.flip_equivariance, opt.num_patches, opt.nce_T, autocast, scaler, opt.diffaug, opt.gan_mode,
+                      opt.lambda_flat)
 
 
 # -----------------------------------------------------------------------------

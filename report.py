@@ -147,18 +147,16 @@ class TrainingLog:
 
 def keep_rows_before(path, iteration, header):
     """Rewrite log.csv with only the rows of iterations < `iteration` (and a fresh header if
-    it has none or another one; that of an older version, without the last columns, keeps its
-    rows, with those columns empty). A partly written last row is dropped too."""
+    it has none or another one; that of an older version, whose columns are all in `header`,
+    keeps its rows, moved to their columns' new places and empty in the new columns). A partly
+    written last row is dropped too."""
     rows = []
     if os.path.exists(path):
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
-        old = len(rows[0]) if rows and rows[0] == header[:len(rows[0])] and "time" in rows[0] else 0
-        if old:
-            rows = [r + [""] * (len(header) - old) for r in rows[1:]
-                    if len(r) == old and r[2].isdigit() and int(r[2]) < iteration]
-        else:
-            rows = []
+        old = rows[0] if rows and "time" in rows[0] and set(rows[0]) <= set(header) else []
+        rows = [[dict(zip(old, r)).get(name, "") for name in header] for r in rows[1:]
+                if old and len(r) == len(old) and r[2].isdigit() and int(r[2]) < iteration]
     write_text_atomic(path, csv_text([header, *rows]))
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 import cut
 from conftest import assert_bitwise_equal, fp32, load, make_data, run_cli, start_cli, wait_for_iteration
+from gan import FLAT_LEVELS, FLAT_REACH, flat_area_loss
 from models import GeneratorResNet, PatchProjection, load_generator
 
 TINY = ["--dataset_name", "tiny", "--img_height", "32", "--img_width", "32", "--n_residual_blocks", "1", "--n_cpu", "0",
@@ -90,6 +91,43 @@ def test_the_generator_taps_the_official_layers_and_encodes_only_as_far_as_neede
     assert torch.equal(features[1], G.model[4](G.model[:4](x)))
 
 
+def direct_flat_area_loss(output, guide):
+    """flat_area_loss of one image (C, H, W numpy arrays) by loops over its pixel pairs."""
+    c, h, w = output.shape
+    total = 0.0
+    for dy, dx in ((1, 0), (0, 1)):
+        pairs_h, pairs_w = h - dy, w - dx
+        step_in = np.abs(guide[:, dy:, dx:] - guide[:, :pairs_h, :pairs_w]).max(0)
+        terms = []
+        for i in range(pairs_h):
+            for j in range(pairs_w):
+                near = step_in[max(0, i - FLAT_REACH):i + FLAT_REACH + 1, max(0, j - FLAT_REACH):j + FLAT_REACH + 1]
+                step_out = np.abs(output[:, i + dy, j + dx] - output[:, i, j]).mean()
+                terms.append(step_out * math.exp(-near.max() / FLAT_LEVELS))
+        total += sum(terms) / len(terms)
+    return total
+
+
+def test_the_flat_area_loss_against_loops_and_what_it_charges():
+    g = torch.Generator().manual_seed(0)
+    output, guide = torch.rand(2, 2, 3, 9, 11, generator=g, dtype=torch.float64) * 2 - 1
+    guide[:, :, :, :5] = -0.5  # a flat area, so that weights near 1 are checked too
+    want = np.mean([direct_flat_area_loss(o.numpy(), gd.numpy()) for o, gd in zip(output, guide)])
+    assert flat_area_loss(output, guide).item() == pytest.approx(want, rel=1e-12)
+    # a guide with one vertical edge (between columns 9 and 10): an output step on it, or up to
+    # FLAT_REACH pixels beside it, is nearly free; a single dot far from it costs
+    guide = torch.full((1, 3, 20, 20), -1.0, dtype=torch.float64)
+    guide[..., 10:] = 1.0
+    for column in range(10 - FLAT_REACH, 11 + FLAT_REACH):
+        step = torch.full_like(guide, -1.0)
+        step[..., column:] = 1.0
+        assert flat_area_loss(step, guide).item() < 1e-20, column
+    dot = guide.clone()
+    dot[..., 5, 3] = 1.0  # along each axis 2 of the 20 x 19 pairs step by 2, with weight 1
+    assert flat_area_loss(dot, guide).item() == pytest.approx(2 * (2 * 2 / (20 * 19)), rel=1e-12)
+    assert flat_area_loss(guide, guide).item() < 1e-20
+
+
 def tiny_opt(*args):
     opt = cut.apply_mode(cut.get_parser().parse_args(["--img_height", "32", "--img_width", "32",
                                                       "--n_residual_blocks", "2",
@@ -125,7 +163,8 @@ def flip_drawn(seed):
 
 
 @pytest.mark.parametrize("mode,extra,want_flip", [("cut", [], False), ("fastcut", [], True), ("fastcut", [], False),
-                                                   ("cut", ["--flip_equivariance"], True)])
+                                                   ("cut", ["--flip_equivariance"], True),
+                                                   ("fastcut", ["--lambda_flat", "3"], True)])
 def test_the_step_trains_the_papers_patch_nce_terms(mode, extra, want_flip):
     """FastCUT's flip-equivariance (G sees a flipped batch; its features are flipped back
     before they meet the unflipped input's) and CUT's identity term (real B against
@@ -151,8 +190,12 @@ def test_the_step_trains_the_papers_patch_nce_terms(mode, extra, want_flip):
     if flipped:  # (the check has teeth: without flipping the features back, the loss is another)
         unflipped = reference_nce(before, opt, real_A, real_B, False, locations)[0]
         assert abs(unflipped.item() - want_nce.item()) > 1e-3
+    # --lambda_flat: the translation of real A (by G before the step) against real A
+    want_flat = opt.lambda_flat * direct_flat_area_loss(before["G_AB"](real_A)[0].detach().numpy(), real_A[0].numpy())
+    assert losses["loss_flat"].item() == pytest.approx(want_flat, rel=1e-4, abs=1e-12)
+    assert (losses["loss_flat"].item() > 0) == (opt.lambda_flat > 0)
     want_G = losses["loss_GAN"] + ((losses["loss_NCE"] + losses["loss_NCE_Y"]) / 2 if opt.nce_idt
-                                   else losses["loss_NCE"])
+                                   else losses["loss_NCE"]) + losses["loss_flat"]
     assert losses["loss_G"].item() == pytest.approx(want_G.item(), rel=1e-6)
     # G and F learned from it, D from its own loss; nothing is left with requires_grad off
     for name in ("G_AB", "F", "D_B"):
@@ -183,7 +226,7 @@ def test_a_tiny_cut_run_learns_and_test_py_translates_with_its_generator(tiny_da
     assert {f"{n}_{e}.pth" for n in ("G_AB", "D_B", "F") for e in (3, 6)} <= set(os.listdir(models))
     assert not any(f.startswith(("G_BA", "D_A")) for f in os.listdir(models))
     rows = log_rows(tiny_data)
-    assert list(rows[0])[3:8] == list(cut.LOSS_NAMES) and len(rows) == 36
+    assert list(rows[0])[3:9] == list(cut.LOSS_NAMES) and len(rows) == 36
     nce = np.array([float(r["loss_NCE"]) for r in rows])
     assert nce[-6:].mean() < nce[:6].mean() - 0.5, nce  # PatchNCE is learned
     # test.py translates with G_AB_6.pth as with a CycleGAN generator
@@ -208,7 +251,7 @@ def test_resume_refuses_the_other_algorithms_run_in_one_line(tiny_data):
 
 
 @pytest.mark.parametrize("flag,value", [("--num_patches", "0"), ("--nce_T", "0"), ("--lambda_NCE", "-1"),
-                                        ("--netF_nc", "0")])
+                                        ("--netF_nc", "0"), ("--lambda_flat", "-1")])
 def test_bad_cut_flags_give_one_line(tiny_data, flag, value):
     r = run(tiny_data, *TINY, flag, value)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and flag in r.stderr, r.stderr

@@ -373,7 +373,7 @@ def test_a_replan_that_finds_the_speed_doubled_or_halved_moves_the_end_according
     assert "used 1.67 of its 1.67 min (100.0 %)" in planner.spent()
 
 
-def test_a_log_of_an_older_version_keeps_its_rows_when_the_replan_column_comes():
+def test_a_log_of_an_older_version_keeps_its_rows_when_new_columns_come():
     import report
     header = ["epoch", "batch", "iteration", "loss_G", "lr", "time", "replan"]
     path = os.path.join(os.environ["XDG_CACHE_HOME"], "old-log.csv")
@@ -383,3 +383,12 @@ def test_a_log_of_an_older_version_keeps_its_rows_when_the_replan_column_comes()
     report.keep_rows_before(path, 2, header)
     with open(path) as f:
         assert f.read().splitlines() == [",".join(header), "0,0,0,1.5,0.0002,1.0,", "0,1,1,1.4,0.0002,2.0,"]
+    # a new loss column (cut.py's loss_flat) in the middle: the old rows keep their values by name
+    wider = ["epoch", "batch", "iteration", "loss_G", "loss_flat", "lr", "time", "replan"]
+    report.keep_rows_before(path, 2, wider)
+    with open(path) as f:
+        assert f.read().splitlines() == [",".join(wider), "0,0,0,1.5,,0.0002,1.0,", "0,1,1,1.4,,0.0002,2.0,"]
+    # another run's log (columns this one does not have) starts afresh
+    report.keep_rows_before(path, 2, ["epoch", "batch", "iteration", "loss_D", "lr", "time", "replan"])
+    with open(path) as f:
+        assert f.read().splitlines() == ["epoch,batch,iteration,loss_D,lr,time,replan"]
