@@ -64,6 +64,7 @@ def get_parser():
     for flag in GENERATOR_KIND_FLAGS:
         p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
                        help=f"as cyclegan.py's --{flag} (default: the script's own)")
+    p.add_argument("--lambda_flat", type=float, default=0.0, help="as cut.py's (cut and fastcut)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="as cyclegan.py's --amp")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "reduce-overhead"),
@@ -85,6 +86,9 @@ def check_flags(opt):
             die(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
     if opt.img_size % 4:
         die(f"--img_size must be a multiple of 4 (the generator downsamples twice), got {opt.img_size}")
+    if opt.lambda_flat < 0 or (opt.lambda_flat and opt.model == "cyclegan"):
+        die(f"--lambda_flat must be at least 0, and is cut.py's (--model cut or fastcut); got {opt.lambda_flat} "
+            f"with --model {opt.model}")
     unknown = [p for p in opt.diffaug.split(",") if p and p not in DIFFAUG_POLICIES]
     if unknown:
         die(f"--diffaug: unknown policy {', '.join(unknown)}; choose from {', '.join(DIFFAUG_POLICIES)}")
@@ -132,6 +136,7 @@ def build_step(opt, device):
     train_opt.n_residual_blocks, train_opt.amp, train_opt.compile = opt.n_residual_blocks, opt.amp, opt.compile
     train_opt.ngf, train_opt.d_receptive_field = opt.ngf, opt.d_receptive_field
     train_opt.netD, train_opt.gan_mode, train_opt.diffaug = opt.netD, opt.gan_mode, opt.diffaug
+    train_opt.lambda_flat = opt.lambda_flat
     for flag in GENERATOR_KIND_FLAGS:
         if getattr(opt, flag) is None:
             setattr(opt, flag, getattr(train_opt, flag))  # (for the description)
@@ -182,6 +187,7 @@ def step_description(opt):
             f"D {opt.netD.replace('patch', f'patch {opt.d_receptive_field}')}, {opt.gan_mode}"
             + (f", anti-aliased {' and '.join(blurs)}" if blurs else "")
             + (", canonical shift" if opt.canonical_shift else "")
+            + (f", flat-area loss {opt.lambda_flat:g}" if opt.lambda_flat else "")
             + (f", diffaug {opt.diffaug}" if opt.diffaug else ""))
 
 
@@ -219,6 +225,7 @@ def row_argv(opt, row):
             f"--netD={opt.netD}", f"--gan_mode={opt.gan_mode}", f"--diffaug={opt.diffaug}",
             f"--device={opt.device}", f"--iters={opt.iters}",
             f"--warmup={opt.warmup}"] + (["--profile"] if opt.profile else [])
+    argv += [f"--lambda_flat={opt.lambda_flat}"] if opt.lambda_flat else []
     options = [] if row == "default" else row.split("+")
     for flag in GENERATOR_KIND_FLAGS:  # a row's option replaces the flag given
         on = True if flag in options else getattr(opt, flag)

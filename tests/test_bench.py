@@ -99,9 +99,10 @@ def test_a_row_replaces_the_flags_given_with_its_own_options():
     opt = SimpleNamespace(model="fastcut", img_size=32, batch_size=2, n_residual_blocks=1, ngf=8,
                           d_receptive_field="auto", netD="patch", gan_mode="lsgan", diffaug="", device="cpu",
                           iters=2, warmup=0, profile=False, amp="none", compile=None, channels_last=False,
-                          antialias=None, antialias_up=False, canonical_shift=None)
+                          antialias=None, antialias_up=False, canonical_shift=None, lambda_flat=0.5)
     argv, amp = bench.row_argv(opt, "default")
     assert "--ngf=8" in argv and "--d_receptive_field=auto" in argv and "--model=fastcut" in argv
+    assert "--lambda_flat=0.5" in argv
     # a blur left to the script's default stays so; one given is carried, and a row's replaces it
     assert "--no-antialias_up" in argv and not [a for a in argv if a.endswith("-antialias") or a == "--antialias"]
     assert {"--antialias", "--antialias_up"} <= set(bench.row_argv(opt, "antialias+antialias_up")[0])
