@@ -11,6 +11,7 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import cut
@@ -172,6 +173,8 @@ def test_the_step_trains_the_papers_patch_nce_terms(mode, extra, want_flip):
     opt = tiny_opt("--mode", mode, *extra)
     torch.manual_seed(1)
     real_A, real_B = torch.rand(2, 1, 3, 32, 32) * 2 - 1
+    if opt.lambda_flat:  # flat 8 x 8 blocks: the flat-area loss weighs nothing in noise
+        real_A = F.interpolate(real_A[..., ::8, ::8], scale_factor=8, mode="nearest")
     nets, _ = cut.build_networks(opt, torch.device("cpu"))
     optimizers, _ = cut.build_optimizers(opt, nets, torch.device("cpu"))
     before = copy.deepcopy(nets)
@@ -190,10 +193,12 @@ def test_the_step_trains_the_papers_patch_nce_terms(mode, extra, want_flip):
     if flipped:  # (the check has teeth: without flipping the features back, the loss is another)
         unflipped = reference_nce(before, opt, real_A, real_B, False, locations)[0]
         assert abs(unflipped.item() - want_nce.item()) > 1e-3
-    # --lambda_flat: the translation of real A (by G before the step) against real A
-    want_flat = opt.lambda_flat * direct_flat_area_loss(before["G_AB"](real_A)[0].detach().numpy(), real_A[0].numpy())
+    # --lambda_flat: the translation of real A (by G before the step, of the flipped A when G saw
+    # that) against the A it translated
+    source = real_A.flip(3) if flipped else real_A
+    want_flat = opt.lambda_flat * direct_flat_area_loss(before["G_AB"](source)[0].detach().numpy(), source[0].numpy())
     assert losses["loss_flat"].item() == pytest.approx(want_flat, rel=1e-4, abs=1e-12)
-    assert (losses["loss_flat"].item() > 0) == (opt.lambda_flat > 0)
+    assert (want_flat > 1e-3) == (opt.lambda_flat > 0)
     want_G = losses["loss_GAN"] + ((losses["loss_NCE"] + losses["loss_NCE_Y"]) / 2 if opt.nce_idt
                                    else losses["loss_NCE"]) + losses["loss_flat"]
     assert losses["loss_G"].item() == pytest.approx(want_G.item(), rel=1e-6)
