@@ -52,6 +52,10 @@ def test_model_times_cut_py_s_step_in_the_mode_given(monkeypatch, capsys, model,
     bench.main([*TINY, "--amp", "none", "--model", model])
     assert capsys.readouterr().out.startswith(f"bench: 32x32, {model}, 1 residual blocks")
     assert len(seen) == 2 and (seen[0].mode, seen[0].nce_idt, seen[0].flip_equivariance) == (model, nce_idt, flip)
+    assert seen[0].lambda_flat == 0
+    seen.clear()
+    bench.main([*TINY, "--amp", "none", "--model", model, "--lambda_flat", "2"])
+    assert "flat-area loss 2" in capsys.readouterr().out and seen[0].lambda_flat == 2
 
 
 def test_the_step_timed_has_the_discriminators_loss_and_augmentation_given(monkeypatch, capsys):
@@ -129,6 +133,8 @@ def test_the_default_row_is_labelled_with_what_amp_auto_picks(cpu_bf16):
     (["--iters", "0"], "error: --iters must be at least 1, got 0"),
     (["--ngf", "0"], "error: --ngf must be at least 1, got 0"),
     (["--img_size", "30"], "error: --img_size must be a multiple of 4"),
+    (["--lambda_flat", "1"], "error: --lambda_flat must be at least 0, and is cut.py's"),
+    (["--model", "cut", "--lambda_flat", "-1"], "error: --lambda_flat must be at least 0"),
 ])
 def test_bad_flags_are_one_line_naming_the_flag(capsys, args, expected):
     with pytest.raises(SystemExit) as e:
